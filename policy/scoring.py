@@ -1,0 +1,49 @@
+"""Teacher-forced scoring: the learner's forward over `text + <boi> + scales 2..k` in one pass.
+
+Because attention is block-causal, the logits of scales 1..m need only the inputs up to scale m: the cost grows
+with the prefix, not with the image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from policy.sequence import attention_mask, left_pad, position_ids
+from policy.tokenizer import MultiScaleVQ
+from policy.transformer import NextScaleLM
+
+
+def teacher_forced_logits(
+    model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[list[int]], input_codes: list[torch.Tensor], k: int
+) -> torch.Tensor:
+    """Image logits (B, tokens of scales 1..k, V) given the input codes of scales 1..k-1 (at least)."""
+    sched = model.schedule
+    ids, tmask = left_pad(text_ids, model.cfg.pad_token_id)
+    dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    ids, tmask = ids.to(dev), tmask.to(dev)
+    b, t = ids.shape
+    parts = [model.text_embeds(ids), model.boi_embeds(b)]
+    for s in range(2, k + 1):
+        feats = vq.scale_inputs(input_codes[s - 2].to(dev), sched[s - 1]).to(dtype)
+        parts.append(model.image_embeds(feats, s))
+    hidden = model(torch.cat(parts, 1), attention_mask(tmask, sched, k, dtype), position_ids(tmask, sched, k))
+    return model.image_logits(hidden[:, t:])                                   # <boi> onwards = scales 1..k
+
+
+@dataclass
+class PrefixScores:
+    logprobs: torch.Tensor  # (B, N_m) log pi(code) per token of scales 1..m
+    entropy: torch.Tensor   # (B, N_m) entropy of pi at each token
+
+
+def score_prefix(
+    model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[list[int]], codes: list[torch.Tensor], m: int
+) -> PrefixScores:
+    """Per-token log-probs of the codes of scales 1..m under the (unguided, conditional) policy."""
+    logits = teacher_forced_logits(model, vq, text_ids, codes, m).float()
+    targets = torch.cat([c.flatten(1) for c in codes[:m]], dim=1).to(logits.device)
+    logp_all = logits.log_softmax(-1)
+    logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return PrefixScores(logprobs, entropy)

@@ -1,0 +1,187 @@
+"""The tiny "shapes" world: procedural 64x64 scenes of coloured shapes, their captions and specs.
+
+A `Spec` is the structured meaning of a caption (GenEval-like): one or two object groups (shape, colour,
+count) and, for position prompts, a relation between the two objects. `render(spec, rng)` draws a scene that
+satisfies it; `rewards.verifier.score(image, spec)` checks an image against it.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SIZE = 64
+BACKGROUND = (245, 245, 245)
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 50, 190),
+    "black": (30, 30, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")
+CATEGORIES = ("object", "colour", "count", "two-object", "position")
+NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    shape: str
+    colour: str | None = None  # None: any colour ("a circle")
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Spec:
+    category: str
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None  # objects[0] <relation> objects[1]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str | dict) -> "Spec":
+        d = json.loads(text) if isinstance(text, str) else text
+        return Spec(d["category"], tuple(ObjectSpec(**o) for o in d["objects"]), d.get("relation"))
+
+
+def caption(spec: Spec) -> str:
+    def phrase(o: ObjectSpec) -> str:
+        words = [NUMBERS[o.count]]
+        if o.colour:
+            words.append(o.colour)
+        words.append(o.shape + ("s" if o.count > 1 else ""))
+        return " ".join(words)
+
+    parts = [phrase(o) for o in spec.objects]
+    if spec.relation:
+        return f"{parts[0]} {spec.relation} {parts[1]}"
+    return " and ".join(parts)
+
+
+def all_specs() -> list[Spec]:
+    """Every prompt the world can ask for (the prompt universe before the train/held-out split)."""
+    cols = list(PALETTE)
+    specs = [Spec("object", (ObjectSpec(s),)) for s in SHAPES]
+    specs += [Spec("colour", (ObjectSpec(s, c),)) for s in SHAPES for c in cols]
+    specs += [Spec("count", (ObjectSpec(s, c, n),)) for s in SHAPES for c in cols for n in (2, 3, 4)]
+    pairs = [(a, b) for a, b in itertools.permutations(itertools.product(SHAPES, cols), 2) if a[1] != b[1]]
+    specs += [Spec("two-object", (ObjectSpec(*a), ObjectSpec(*b))) for a, b in pairs if a < b]
+    specs += [Spec("position", (ObjectSpec(*a), ObjectSpec(*b)), r) for a, b in pairs for r in RELATIONS]
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def _shape_mask(shape: str, cx: float, cy: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    xx, yy = xx + 0.5, yy + 0.5
+    r = size / 2
+    if shape == "square":
+        return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+    if shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape == "triangle":  # apex up, base at the bottom of the bounding box
+        top, bottom = cy - r, cy + r
+        half_width = (yy - top) / (2 * r) * r
+        return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half_width)
+    raise ValueError(f"shape: unknown shape {shape!r}")
+
+
+def _place(rng: random.Random, sizes: list[int], relation: str | None, tries: int = 500):
+    """Non-overlapping centres (with a gap) for objects of the given sizes; relation holds for objects 0, 1."""
+    for _ in range(tries):
+        centres = []
+        for size in sizes:
+            r = size / 2 + 1
+            centres.append((rng.uniform(r, IMAGE_SIZE - r), rng.uniform(r, IMAGE_SIZE - r)))
+        ok = all(
+            max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (sa + sb) / 2 + 3
+            for (a, sa), (b, sb) in itertools.combinations(zip(centres, sizes), 2)
+        )
+        if ok and relation is not None:
+            ok = relation_holds(relation, centres[0], centres[1], margin=6)
+        if ok:
+            return centres
+    raise RuntimeError("could not place objects without overlap")
+
+
+def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float], margin: float = 2) -> bool:
+    """Centre a is <relation> centre b (image coordinates: y grows downwards)."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    return {"left of": dx < -margin, "right of": dx > margin, "above": dy < -margin, "below": dy > margin}[relation]
+
+
+def render(spec: Spec, rng: random.Random) -> np.ndarray:
+    """A (64, 64, 3) uint8 scene that satisfies `spec`; unspecified colours are drawn at random."""
+    items: list[tuple[str, str]] = []
+    for o in spec.objects:
+        colour = o.colour or rng.choice(list(PALETTE))
+        items += [(o.shape, colour)] * o.count
+    max_size = 16 if len(items) <= 2 else 12
+    sizes = [rng.randint(10, max_size) for _ in items]
+    centres = _place(rng, sizes, spec.relation)
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for (shape, colour), (cx, cy), size in zip(items, centres, sizes):
+        img[_shape_mask(shape, cx, cy, size)] = PALETTE[colour]
+    return img
+
+
+# ------------------------------------------------------------------------------------------------ splits
+@dataclass
+class PromptSplits:
+    train: list[Spec] = field(default_factory=list)
+    heldout: list[Spec] = field(default_factory=list)
+
+
+def split_prompts(heldout_fraction: float = 0.2, seed: int = 0) -> PromptSplits:
+    """Deterministic train / held-out split, stratified by category."""
+    rng = random.Random(seed)
+    out = PromptSplits()
+    specs = all_specs()
+    for cat in CATEGORIES:
+        group = [s for s in specs if s.category == cat]
+        rng.shuffle(group)
+        k = max(1, round(len(group) * heldout_fraction))
+        out.heldout += group[:k]
+        out.train += group[k:]
+    return out
+
+
+def write_prompts(specs: list[Spec], path: str | Path) -> None:
+    """Parquet with columns prompt, category, spec (JSON)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "prompt": [caption(s) for s in specs],
+        "category": [s.category for s in specs],
+        "spec": [s.to_json() for s in specs],
+    })
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, Spec]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = {"prompt", "spec"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: prompt file lacks column(s) {sorted(missing)}")
+    return [(p, Spec.from_json(s)) for p, s in zip(table["prompt"].to_pylist(), table["spec"].to_pylist())]
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can use (the shapes world's word-level text vocabulary)."""
+    words = set()
+    for s in all_specs():
+        words.update(caption(s).split())
+    return sorted(words)

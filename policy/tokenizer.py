@@ -1,0 +1,227 @@
+"""Multi-scale residual VQ image tokenizer (VAR style, NextFlow's dual codebook).
+
+    f = E(x)                                   (B, C, H, W)   H = W = final grid side
+    f_hat = 0
+    for each scale s with size (h_s, w_s):
+        r_s   = area_down(f - f_hat, (h_s, w_s))               residual at this scale
+        idx_s = argmin_k  d_sem(r_s, k) + w_pix * d_pix(r_s, k)  (fp32)
+        f_hat = f_hat + phi(up(e_pix[idx_s], (H, W)))           phi: shared refinement conv
+    x_hat = D(f_hat)
+
+Dual codebook: each code index k owns a pixel vector e_pix[k] (C) and a semantic vector e_sem[k] (D_sem); the
+residual is projected to the semantic space by a 1x1 conv to measure d_sem. The semantic vectors are aligned to a
+frozen vision encoder's patch features during tokenizer training. sem_dim = 0 gives a single-branch tokenizer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, field_validator
+from safetensors.torch import load_file, save_file
+
+from policy.scales import Schedule, validate_schedule
+
+
+class VQConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schedule: list[tuple[int, int]]
+    image_size: int = 64
+    channels: list[int] = [32, 64, 64]  # encoder width after the stem and at each stride-2 stage
+    code_dim: int = 32                  # pixel code vector size = latent channels C
+    num_codes: int = 512
+    sem_dim: int = 0                    # 0: single-branch (pixel) tokenizer
+    pix_weight: float = 1.0             # w in d_sem + w * d_pix
+    refine_ratio: float = 0.5           # phi(z) = (1 - r) z + r conv(z)
+    teacher: str | None = None          # open_clip model name of the frozen semantic teacher
+    teacher_pretrained: str | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, v):
+        return validate_schedule(v)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.schedule[-1]
+
+    @property
+    def downsample(self) -> int:
+        h, w = self.grid
+        if self.image_size % h or self.image_size % w or h != w:
+            raise ValueError(f"image_size: {self.image_size} is not a multiple of the final grid {self.grid}")
+        return self.image_size // h
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        stages = cfg.downsample.bit_length() - 1  # log2(downsample) stride-2 stages
+        ch = cfg.channels
+        if len(ch) != stages:
+            raise ValueError(f"channels: need {stages} entries for a {cfg.downsample}x downsample, got {len(ch)}")
+        layers: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
+        cin = ch[0]
+        for c in ch:
+            layers += [_block(cin, c), nn.Conv2d(c, c, 4, stride=2, padding=1)]
+            cin = c
+        layers += [_block(cin, cin), nn.Conv2d(cin, cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, P, P) in [0, 1] -> (B, C, H, W)
+        return self.net(x * 2 - 1)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        ch = list(reversed(cfg.channels))
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[0], 3, padding=1), _block(ch[0], ch[0])]
+        cin = ch[0]
+        for c in ch:
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, c, 3, padding=1), _block(c, c)]
+            cin = c
+        layers += [nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 3, P, P) in [0, 1]
+        return (self.net(f) + 1) / 2
+
+
+def upsample(z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The one resize used for code features going up a scale (tokenizer and transformer inputs alike)."""
+    if tuple(z.shape[-2:]) == tuple(size):
+        return z
+    return F.interpolate(z, size=size, mode="bicubic", align_corners=False)
+
+
+def sample_topk_codes(dist: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """For each row of dist (..., V), a code drawn uniformly from its k nearest."""
+    near = dist.topk(k, dim=-1, largest=False).indices                          # (..., k)
+    pick = torch.randint(0, k, near.shape[:-1] + (1,), generator=generator, device=dist.device)
+    return near.gather(-1, pick).squeeze(-1)
+
+
+@dataclass
+class Encoded:
+    targets: list[torch.Tensor]  # per scale (B, h_s, w_s) long: nearest codes (training targets)
+    inputs: list[torch.Tensor]   # per scale (B, h_s, w_s) long: codes fed forward (== targets without self-correction)
+    f: torch.Tensor              # (B, C, H, W) encoder features
+    f_hat: torch.Tensor          # (B, C, H, W) reconstruction of f from the input codes
+
+
+class MultiScaleVQ(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.schedule: Schedule = [tuple(s) for s in cfg.schedule]
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.pix_codebook = nn.Embedding(cfg.num_codes, cfg.code_dim)
+        nn.init.uniform_(self.pix_codebook.weight, -1 / cfg.num_codes, 1 / cfg.num_codes)
+        self.refine = nn.Conv2d(cfg.code_dim, cfg.code_dim, 3, padding=1)
+        if cfg.sem_dim:
+            self.sem_proj = nn.Conv2d(cfg.code_dim, cfg.sem_dim, 1)
+            self.sem_codebook = nn.Embedding(cfg.num_codes, cfg.sem_dim)
+
+    # ------------------------------------------------------------------ pieces
+    def phi(self, z: torch.Tensor) -> torch.Tensor:
+        r = self.cfg.refine_ratio
+        return (1 - r) * z + r * self.refine(z)
+
+    def distances(self, r: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) residual -> (B, h, w, V) lookup cost d_sem + w * d_pix, computed in fp32."""
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            x = r.float().permute(0, 2, 3, 1)                              # (B, h, w, C)
+            d = self.cfg.pix_weight * _sq_dist(x, self.pix_codebook.weight.float())
+            if self.cfg.sem_dim:
+                s = self.sem_proj.float()(r.float()).permute(0, 2, 3, 1)    # (B, h, w, D)
+                d = d + _sq_dist(s, self.sem_codebook.weight.float())
+        return d
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) long -> (B, C, h, w) pixel code vectors (the residual code features)."""
+        return self.pix_codebook(codes).permute(0, 3, 1, 2)
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(
+        self,
+        images: torch.Tensor,
+        self_correct: float = 0.0,
+        topk: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Encoded:
+        """Residual-quantise images (B, 3, P, P) in [0, 1] at every scale.
+
+        Self-correction: for a fraction `self_correct` of each scale's tokens the *input* code is drawn from the
+        `topk` nearest codes while the *target* stays the nearest; later residuals see the perturbed input.
+        """
+        f = self.encoder(images)
+        f_hat = torch.zeros_like(f)
+        targets, inputs = [], []
+        for h, w in self.schedule:
+            r = F.interpolate(f - f_hat, size=(h, w), mode="area")
+            dist = self.distances(r)
+            target = dist.argmin(-1)
+            inp = target
+            if self_correct > 0 and topk > 1:
+                flip = torch.rand(target.shape, generator=generator, device=f.device) < self_correct
+                inp = torch.where(flip, sample_topk_codes(dist, topk, generator), target)
+            targets.append(target)
+            inputs.append(inp)
+            f_hat = f_hat + self.phi(upsample(self.lookup(inp), f.shape[-2:]))
+        return Encoded(targets, inputs, f, f_hat)
+
+    def features(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """f_hat from the codes of the first len(codes) scales: (B, C, H, W)."""
+        size = self.schedule[-1]
+        return sum(self.phi(upsample(self.lookup(c), size)) for c in codes)
+
+    def decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Codes of the first k scales -> images (B, 3, P, P), clamped to [0, 1]."""
+        return self.decoder(self.features(codes)).clamp(0, 1)
+
+    def scale_inputs(self, codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Transformer inputs for the next scale: residual code features of this scale upsampled to its size.
+
+        (B, h_{s-1}, w_{s-1}) long -> (B, h_s * w_s, C)
+        """
+        return upsample(self.lookup(codes), size).flatten(2).transpose(1, 2)
+
+    def all_scale_inputs(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """Inputs for scales 2..len(codes)+1 (capped at S) from codes of scales 1..: (B, sum n_s, C)."""
+        sizes = self.schedule[1 : len(codes) + 1]
+        parts = [self.scale_inputs(c, size) for c, size in zip(codes, sizes)]
+        if not parts:
+            return self.pix_codebook.weight.new_zeros(codes[0].shape[0], 0, self.cfg.code_dim)
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ weight I/O
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "MultiScaleVQ":
+        path = Path(path)
+        cfg = VQConfig(**json.loads((path / "config.json").read_text()))
+        model = cls(cfg)
+        from policy.io import load_state_strict
+
+        load_state_strict(model, path / "model.safetensors")
+        return model.eval()
+
+
+def _sq_dist(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance of (..., D) rows to (V, D) codes -> (..., V)."""
+    return (x * x).sum(-1, keepdim=True) - 2 * x @ e.t() + (e * e).sum(-1)

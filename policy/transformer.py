@@ -1,0 +1,189 @@
+"""The next-scale transformer: a Qwen2-family decoder (transformers' Qwen2.5-VL text model) with image inputs.
+
+Vocabulary (one shared output head):   [text tokens | image codes | <boi> <eoi>]
+                                        0 .. T-1      T .. T+V-1    T+V  T+V+1
+Inputs at scale s >= 2 are the residual code features of scale s-1 upsampled to (h_s, w_s), projected to the
+hidden size, plus a learnable scale embedding. Attention is block-causal and positions are multiscale 3D RoPE
+(see policy/sequence.py). A Hugging Face Qwen2 / Qwen2.5 checkpoint initialises the backbone (`from_qwen2`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, field_validator
+from safetensors.torch import save_file
+from transformers import Qwen2_5_VLTextConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+from policy.scales import Schedule, validate_schedule
+
+
+class BackboneConfig(BaseModel):
+    """The Qwen2 hyper-parameters we use (names as in transformers' Qwen2Config)."""
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    attn_implementation: str = "sdpa"
+
+
+class NextScaleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    backbone: BackboneConfig = BackboneConfig()
+    schedule: list[tuple[int, int]]
+    text_vocab_size: int
+    num_codes: int
+    code_dim: int
+    pad_token_id: int = 0
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, v):
+        return validate_schedule(v)
+
+    @property
+    def image_offset(self) -> int:
+        return self.text_vocab_size
+
+    @property
+    def boi_id(self) -> int:
+        return self.text_vocab_size + self.num_codes
+
+    @property
+    def eoi_id(self) -> int:
+        return self.boi_id + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.boi_id + 2
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Split of the head_dim/2 rotary frequencies over (scale, y, x); Qwen2.5-VL's [16, 24, 24] at head_dim 128."""
+    half = head_dim // 2
+    hw = 3 * half // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def text_config(cfg: NextScaleConfig) -> Qwen2_5_VLTextConfig:
+    b = cfg.backbone
+    head_dim = b.hidden_size // b.num_attention_heads
+    tc = Qwen2_5_VLTextConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_hidden_layers,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads,
+        rms_norm_eps=b.rms_norm_eps,
+        max_position_embeddings=b.max_position_embeddings,
+        pad_token_id=cfg.pad_token_id, bos_token_id=None, eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": b.rope_theta, "mrope_section": mrope_section(head_dim)},
+    )
+    tc._attn_implementation = b.attn_implementation
+    return tc
+
+
+class NextScaleLM(nn.Module):
+    def __init__(self, cfg: NextScaleConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.schedule: Schedule = [tuple(s) for s in cfg.schedule]
+        self.text_config = text_config(cfg)
+        hidden = cfg.backbone.hidden_size
+        self.backbone = Qwen2_5_VLTextModel(self.text_config)
+        self.lm_head = nn.Linear(hidden, cfg.vocab_size, bias=False)
+        if cfg.backbone.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embed_tokens.weight
+        self.in_proj = nn.Linear(cfg.code_dim, hidden)
+        self.scale_embed = nn.Embedding(len(self.schedule), hidden)
+        nn.init.normal_(self.scale_embed.weight, std=0.02)
+
+    # ------------------------------------------------------------------ embeddings and heads
+    def text_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embed_tokens(ids)
+
+    def boi_embeds(self, batch: int) -> torch.Tensor:  # (B, 1, D)
+        ids = torch.full((batch, 1), self.cfg.boi_id, dtype=torch.long, device=self.lm_head.weight.device)
+        return self.backbone.embed_tokens(ids)
+
+    def image_embeds(self, feats: torch.Tensor, scale: int) -> torch.Tensor:
+        """(B, n_s, code_dim) residual code features for scale `scale` (1-based) -> (B, n_s, D)."""
+        return self.in_proj(feats) + self.scale_embed.weight[scale - 1]
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, V_img): the shared head restricted to the image-code rows."""
+        lo = self.cfg.image_offset
+        return nn.functional.linear(hidden, self.lm_head.weight[lo : lo + self.cfg.num_codes])
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, embeds, mask, positions, cache=None) -> torch.Tensor:
+        """Backbone over (B, L, D) embeddings with a 4-D additive mask and (3, B, L) positions -> hidden (B, L, D)."""
+        out = self.backbone(
+            inputs_embeds=embeds, attention_mask=mask.to(embeds.dtype), position_ids=positions,
+            cache=cache, use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    # ------------------------------------------------------------------ weight I/O
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(self.cfg.model_dump_json(indent=2))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.backbone.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, path / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "NextScaleLM":
+        from policy.io import load_state_strict
+
+        path = Path(path)
+        model = cls(NextScaleConfig(**json.loads((path / "config.json").read_text())))
+        ignore = {"lm_head.weight"} if model.cfg.backbone.tie_word_embeddings else set()
+        load_state_strict(model, path / "model.safetensors", ignore_missing=ignore)
+        return model.eval()
+
+    @classmethod
+    def from_qwen2(cls, path: str | Path, schedule: Schedule, num_codes: int, code_dim: int) -> "NextScaleLM":
+        """Initialise from a Hugging Face Qwen2 / Qwen2.5 causal-LM directory, expanding the vocabulary."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_cfg = AutoConfig.from_pretrained(path)
+        hf_cfg = getattr(hf_cfg, "text_config", hf_cfg)
+        rope = getattr(hf_cfg, "rope_parameters", None) or {}
+        backbone = BackboneConfig(
+            hidden_size=hf_cfg.hidden_size, intermediate_size=hf_cfg.intermediate_size,
+            num_hidden_layers=hf_cfg.num_hidden_layers, num_attention_heads=hf_cfg.num_attention_heads,
+            num_key_value_heads=hf_cfg.num_key_value_heads, rms_norm_eps=hf_cfg.rms_norm_eps,
+            rope_theta=rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0)),
+            tie_word_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
+            max_position_embeddings=hf_cfg.max_position_embeddings,
+        )
+        cfg = NextScaleConfig(backbone=backbone, schedule=schedule, text_vocab_size=hf_cfg.vocab_size,
+                              num_codes=num_codes, code_dim=code_dim, pad_token_id=hf_cfg.pad_token_id or 0)
+        model = cls(cfg)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        src = hf.state_dict()
+        with torch.no_grad():
+            for name, p in model.backbone.named_parameters():
+                key = "model." + name
+                if name == "embed_tokens.weight":
+                    p[: hf_cfg.vocab_size] = src[key]
+                else:
+                    p.copy_(src[key])
+            if not backbone.tie_word_embeddings:
+                model.lm_head.weight[: hf_cfg.vocab_size] = src["lm_head.weight"]
+        return model
