@@ -29,3 +29,71 @@ def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[st
         if v.shape != own[k].shape:
             raise ValueError(f"{file}: tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
     model.load_state_dict(state, strict=False)
+
+
+# ------------------------------------------------------------------------------------------ the policy bundle
+from dataclasses import dataclass  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict  # noqa: E402
+
+
+class PolicyConfig(BaseModel):
+    """Either `path` (a saved policy directory) or the architecture of a fresh, randomly initialised one."""
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None
+    schedule: list[tuple[int, int]] = [(s, s) for s in (1, 2, 3, 4, 6, 8)]
+    vq: dict = {}                 # VQConfig fields other than the schedule
+    backbone: dict = {}           # BackboneConfig fields
+    seed: int = 0                 # initialisation seed of a fresh policy
+
+
+@dataclass
+class Policy:
+    """What the policy *is*: the next-scale transformer, the image tokenizer and the text tokenizer."""
+    model: "NextScaleLM"
+    vq: "MultiScaleVQ"
+    tokenizer: object
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.model.save_pretrained(path / "transformer")
+        self.vq.save_pretrained(path / "vq")
+        self.tokenizer.save_pretrained(str(path / "text_tokenizer"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        from policy.text_tokenizer import load_text_tokenizer
+        from policy.tokenizer import MultiScaleVQ
+        from policy.transformer import NextScaleLM
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"policy.path: {path} is not a policy directory")
+        return cls(NextScaleLM.from_pretrained(path / "transformer"), MultiScaleVQ.from_pretrained(path / "vq"),
+                   load_text_tokenizer(path / "text_tokenizer"))
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        from policy.text_tokenizer import encode_prompts
+
+        return encode_prompts(self.tokenizer, prompts)
+
+
+def build_policy(cfg: PolicyConfig) -> Policy:
+    """Load `cfg.path`, or build a fresh shapes-world policy (word-level tokenizer, random weights)."""
+    if cfg.path:
+        return Policy.load(cfg.path)
+    import torch
+
+    from policy.text_tokenizer import shapes_tokenizer
+    from policy.tokenizer import MultiScaleVQ, VQConfig
+    from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM
+
+    torch.manual_seed(cfg.seed)
+    tok = shapes_tokenizer()
+    vq = MultiScaleVQ(VQConfig(schedule=cfg.schedule, **cfg.vq))
+    model = NextScaleLM(NextScaleConfig(
+        backbone=BackboneConfig(**cfg.backbone), schedule=cfg.schedule, text_vocab_size=len(tok),
+        num_codes=vq.cfg.num_codes, code_dim=vq.cfg.code_dim, pad_token_id=tok.pad_token_id,
+    ))
+    return Policy(model.eval(), vq.eval(), tok)

@@ -116,6 +116,7 @@ class Encoded:
     inputs: list[torch.Tensor]   # per scale (B, h_s, w_s) long: codes fed forward (== targets without self-correction)
     f: torch.Tensor              # (B, C, H, W) encoder features
     f_hat: torch.Tensor          # (B, C, H, W) reconstruction of f from the input codes
+    sem_residuals: list[torch.Tensor]  # per scale (B, D_sem, h_s, w_s) semantic projection of the residual
 
 
 class MultiScaleVQ(nn.Module):
@@ -166,9 +167,11 @@ class MultiScaleVQ(nn.Module):
         """
         f = self.encoder(images)
         f_hat = torch.zeros_like(f)
-        targets, inputs = [], []
+        targets, inputs, sem_res = [], [], []
         for h, w in self.schedule:
             r = F.interpolate(f - f_hat, size=(h, w), mode="area")
+            if self.cfg.sem_dim:
+                sem_res.append(self.sem_proj(r))
             dist = self.distances(r)
             target = dist.argmin(-1)
             inp = target
@@ -178,7 +181,7 @@ class MultiScaleVQ(nn.Module):
             targets.append(target)
             inputs.append(inp)
             f_hat = f_hat + self.phi(upsample(self.lookup(inp), f.shape[-2:]))
-        return Encoded(targets, inputs, f, f_hat)
+        return Encoded(targets, inputs, f, f_hat, sem_res)
 
     def features(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """f_hat from the codes of the first len(codes) scales: (B, C, H, W)."""
@@ -203,6 +206,35 @@ class MultiScaleVQ(nn.Module):
         if not parts:
             return self.pix_codebook.weight.new_zeros(codes[0].shape[0], 0, self.cfg.code_dim)
         return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ training objective
+    def losses(
+        self, images: torch.Tensor, beta: float = 0.25, teacher_feats: torch.Tensor | None = None,
+        sem_head: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction + VQ losses (straight-through to the encoder); semantic alignment when a teacher is given.
+
+        teacher_feats: (B, D_t, H, W) frozen patch features; sem_head maps the accumulated semantic code vectors
+        (B, D_sem, H, W) to D_t, and the loss is 1 - cosine similarity per position.
+        """
+        enc = self.encode(images)
+        f_hat_st = enc.f + (enc.f_hat - enc.f).detach()
+        out = {
+            "recon": F.mse_loss(self.decoder(f_hat_st), images),
+            "vq": F.mse_loss(enc.f_hat, enc.f.detach()) + beta * F.mse_loss(enc.f, enc.f_hat.detach()),
+        }
+        if self.cfg.sem_dim and teacher_feats is not None and sem_head is not None:
+            size = self.schedule[-1]
+            sem = sum(upsample(self.sem_codebook(c).permute(0, 3, 1, 2), size) for c in enc.targets)
+            out["semantic"] = 1 - F.cosine_similarity(sem_head(sem), teacher_feats, dim=1).mean()
+            # the d_sem term: residuals' semantic projections and their chosen semantic codes pull together
+            out["sem_commit"] = sum(
+                F.mse_loss(r, self.sem_codebook(c).permute(0, 3, 1, 2).detach())
+                + F.mse_loss(self.sem_codebook(c).permute(0, 3, 1, 2), r.detach())
+                for r, c in zip(enc.sem_residuals, enc.targets)
+            ) / len(enc.targets)
+        out["loss"] = sum(out.values())
+        return out
 
     # ------------------------------------------------------------------ weight I/O
     def save_pretrained(self, path: str | Path) -> None:

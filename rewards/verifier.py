@@ -13,7 +13,8 @@ import numpy as np
 
 from policy.shapes import BACKGROUND, PALETTE, Spec, relation_holds
 
-MIN_AREA = 12          # blobs smaller than this are noise
+MIN_AREA = 30          # blobs smaller than this are noise (the smallest rendered object covers ~45 px)
+MAX_AREA = 400         # blobs larger than this are not one object (rendered objects are at most 16x16)
 MAX_COLOUR_DIST = 90   # RGB distance to the nearest palette colour; farther is background / noise
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[n] for n in _NAMES] + [BACKGROUND], dtype=np.float32)  # (C+1, 3)
@@ -58,9 +59,11 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def classify_shape(points: np.ndarray) -> str:
-    """Shape from the fill ratio of the bounding box and where the mass sits (triangles are bottom-heavy)."""
+    """Shape from the fill ratio of its bounding box; "other" unless the box is about square and object-sized."""
     ys, xs = points[:, 0], points[:, 1]
     bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    if len(points) > MAX_AREA or not 0.75 <= bh / bw <= 1.33:
+        return "other"
     fill = len(points) / float(bh * bw)
     if fill > 0.9:
         return "square"

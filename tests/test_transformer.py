@@ -1,0 +1,89 @@
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from policy.scales import prefix_tokens
+from policy.scoring import teacher_forced_logits
+from policy.sequence import left_pad, mask_from_groups
+from policy.transformer import NextScaleLM, mrope_section
+from tests.conftest import PROMPTS, SCHED
+
+
+def _hf_qwen2(tmp_path, tie: bool):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tie, rope_theta=10000.0)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-zero q/k/v biases so that the import of biases is checked too
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path / "qwen2")
+    return hf
+
+
+def _text_logits(model: NextScaleLM, ids: torch.Tensor) -> torch.Tensor:
+    b, t = ids.shape
+    tmask = torch.ones(b, t, dtype=torch.bool)
+    mask = mask_from_groups(tmask, torch.arange(t))
+    pos = torch.arange(t, dtype=torch.float)[None, None].expand(3, b, t)
+    return model.text_logits(model(model.text_embeds(ids), mask, pos))
+
+
+def test_import_hf_qwen2_reproduces_text_logits(tmp_path):
+    for tie in (False, True):
+        hf = _hf_qwen2(tmp_path, tie)
+        model = NextScaleLM.from_qwen2(tmp_path / "qwen2", SCHED, num_codes=32, code_dim=8).eval()
+        assert model.cfg.vocab_size == 100 + 32 + 2
+        ids = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = hf(ids).logits
+            ours = _text_logits(model, ids)[..., :100]
+        assert (ours - ref).abs().max() < 1e-4
+
+
+def test_save_load_round_trip(model, vq, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "config.json").exists() and (tmp_path / "m" / "model.safetensors").exists()
+    loaded = NextScaleLM.from_pretrained(tmp_path / "m")
+    codes = [torch.randint(0, 64, (3, h, w)) for h, w in SCHED]
+    with torch.no_grad():
+        a = teacher_forced_logits(model, vq, PROMPTS, codes, len(SCHED))
+        b = teacher_forced_logits(loaded, vq, PROMPTS, codes, len(SCHED))
+    assert torch.equal(a, b)
+
+
+def test_prefix_forward_equals_full_forward_first_m_scales(model, vq):
+    codes = [torch.randint(0, 64, (3, h, w), generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(SCHED)]
+    with torch.no_grad():
+        full = teacher_forced_logits(model, vq, PROMPTS, codes, len(SCHED))
+        for m in (1, 3, 4):
+            prefix = teacher_forced_logits(model, vq, PROMPTS, codes[:m], m)
+            n = prefix_tokens(SCHED, m)
+            assert prefix.shape[1] == n
+            assert (prefix - full[:, :n]).abs().max() < 1e-4
+
+
+def test_later_scales_do_not_change_earlier_logits(model, vq):
+    codes = [torch.randint(0, 64, (1, h, w)) for h, w in SCHED]
+    other = [c.clone() for c in codes]
+    other[4] = (other[4] + 1) % 64  # change the codes of scale 5 (inputs of scale 6)
+    with torch.no_grad():
+        a = teacher_forced_logits(model, vq, PROMPTS[:1], codes, len(SCHED))
+        b = teacher_forced_logits(model, vq, PROMPTS[:1], other, len(SCHED))
+    n5 = prefix_tokens(SCHED, 5)
+    assert torch.equal(a[:, :n5], b[:, :n5]) and not torch.equal(a[:, n5:], b[:, n5:])
+
+
+def test_mrope_section_matches_qwen25vl():
+    assert mrope_section(128) == [16, 24, 24]
+    assert sum(mrope_section(16)) == 8
+
+
+def test_left_padding_does_not_change_logits(model, vq):
+    codes = [torch.randint(0, 64, (1, h, w)) for h, w in SCHED]
+    with torch.no_grad():
+        alone = teacher_forced_logits(model, vq, [PROMPTS[1]], codes, 4)
+        batched = teacher_forced_logits(model, vq, [PROMPTS[1], PROMPTS[2]], [torch.cat([c, c]) for c in codes], 4)
+    assert (alone[0] - batched[0]).abs().max() < 1e-4
+    assert left_pad([[1, 2], [3]], 0)[0].tolist() == [[1, 2], [0, 3]]
