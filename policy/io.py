@@ -34,7 +34,9 @@ def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[st
 # ------------------------------------------------------------------------------------------ the policy bundle
 from dataclasses import dataclass  # noqa: E402
 
-from pydantic import BaseModel, ConfigDict  # noqa: E402
+from pydantic import BaseModel, ConfigDict, field_validator  # noqa: E402
+
+from policy.scales import validate_schedule  # noqa: E402
 
 
 class PolicyConfig(BaseModel):
@@ -45,6 +47,11 @@ class PolicyConfig(BaseModel):
     vq: dict = {}                 # VQConfig fields other than the schedule
     backbone: dict = {}           # BackboneConfig fields
     seed: int = 0                 # initialisation seed of a fresh policy
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, v):
+        return validate_schedule(v)
 
 
 @dataclass

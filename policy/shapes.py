@@ -185,3 +185,28 @@ def vocabulary() -> list[str]:
     for s in all_specs():
         words.update(caption(s).split())
     return sorted(words)
+
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def conflicting_spec(spec: Spec, rng: random.Random) -> Spec:
+    """A spec that no scene rendered from `spec` satisfies (a hard negative): one attribute changed."""
+    objs = list(spec.objects)
+    used = {(o.shape, o.colour) for o in objs}
+    i = rng.randrange(len(objs))
+    o = objs[i]
+    kinds = ["shape"] + (["colour"] if o.colour else []) + (["count"] if spec.category == "count" else [])
+    kinds += ["relation"] if spec.relation else []
+    kind = rng.choice(kinds)
+    if kind == "relation":
+        return Spec(spec.category, spec.objects, OPPOSITE[spec.relation])
+    if kind == "count":
+        objs[i] = ObjectSpec(o.shape, o.colour, rng.choice([n for n in (1, 2, 3, 4) if n != o.count]))
+    elif kind == "colour":
+        objs[i] = ObjectSpec(o.shape, rng.choice([c for c in PALETTE if (o.shape, c) not in used
+                                                 and c not in {x.colour for x in objs}]), o.count)
+    else:
+        objs[i] = ObjectSpec(rng.choice([s for s in SHAPES if s not in {x.shape for x in objs}] or
+                                        [s for s in SHAPES if s != o.shape]), o.colour, o.count)
+    return Spec(spec.category, tuple(objs), spec.relation)

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from policy.config import ConfigError, apply_overrides, load_config, parse_override
+from policy.demo import DemoConfig
+from policy.io import Policy, PolicyConfig, build_policy
+from policy.sampler import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vq={"channels": [8, 8, 8], "code_dim": 8, "num_codes": 32},
+            backbone={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "num_key_value_heads": 1})
+
+
+def test_overrides():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+    assert apply_overrides({"a": {"c": 1}}, ["a.b=true", "d=hi"]) == {"a": {"c": 1, "b": True}, "d": "hi"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("novalue")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cfg = load_config(DemoConfig, ROOT / "configs/shapes-tiny.yaml", ["sample.cfg_scale=5", "num_images=2"])
+    assert cfg.sample.cfg_scale == 5 and cfg.num_images == 2
+    with pytest.raises(ConfigError, match=r"^sample.cfg_scale: "):
+        load_config(DemoConfig, ROOT / "configs/shapes-tiny.yaml", ["sample.cfg_scale=abc"])
+    with pytest.raises(ConfigError, match=r"^sample.bogus: "):
+        load_config(DemoConfig, None, ["sample.bogus=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(DemoConfig, tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DemoConfig, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="first scale"):
+        load_config(DemoConfig, None, ["policy.schedule=[[2, 2]]"])
+
+
+def test_policy_save_load_and_corrupt_weights(tmp_path):
+    policy = build_policy(PolicyConfig(**TINY))
+    policy.save(tmp_path / "p")
+    loaded = Policy.load(tmp_path / "p")
+    ids = policy.encode_prompts(["a red circle", "two blue squares"])
+    assert ids == loaded.encode_prompts(["a red circle", "two blue squares"])
+    a = sample(policy.model, policy.vq, ids, [1, 2])
+    b = sample(loaded.model, loaded.vq, ids, [1, 2])
+    assert all(torch.equal(x, y) for x, y in zip(a.codes, b.codes))
+    weights = tmp_path / "p" / "transformer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 1000])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        Policy.load(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="policy.path"):
+        Policy.load(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_demo_command_writes_png(tmp_path):
+    overrides = [f"out_dir={tmp_path}", "num_images=4", "batch_size=4"]
+    overrides += [f"policy.vq.{k}={v}" for k, v in TINY["vq"].items()]
+    overrides += [f"policy.backbone.{k}={v}" for k, v in TINY["backbone"].items()]
+    proc = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-tiny.yaml", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out strict verifier score" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-tiny.yaml", "sample.top_k=x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "sample.top_k" in bad.stderr
