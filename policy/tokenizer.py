@@ -62,18 +62,18 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
+    """len(channels) stride-2 stages; the first one patchifies straight from pixels (cheap at full resolution)."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         stages = cfg.downsample.bit_length() - 1  # log2(downsample) stride-2 stages
         ch = cfg.channels
         if len(ch) != stages:
             raise ValueError(f"channels: need {stages} entries for a {cfg.downsample}x downsample, got {len(ch)}")
-        layers: list[nn.Module] = [nn.Conv2d(3, ch[0], 3, padding=1)]
-        cin = ch[0]
-        for c in ch:
+        layers: list[nn.Module] = [nn.Conv2d(3, ch[0], 4, stride=2, padding=1)]
+        for cin, c in zip(ch, ch[1:]):
             layers += [_block(cin, c), nn.Conv2d(c, c, 4, stride=2, padding=1)]
-            cin = c
-        layers += [_block(cin, cin), nn.Conv2d(cin, cfg.code_dim, 1)]
+        layers += [_block(ch[-1], ch[-1]), nn.Conv2d(ch[-1], cfg.code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, P, P) in [0, 1] -> (B, C, H, W)
@@ -81,15 +81,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Mirror of the encoder: blocks at low resolution, the last upsampling goes straight to pixels."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
         ch = list(reversed(cfg.channels))
         layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[0], 3, padding=1), _block(ch[0], ch[0])]
-        cin = ch[0]
-        for c in ch:
+        for cin, c in zip(ch, ch[1:]):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, c, 3, padding=1), _block(c, c)]
-            cin = c
-        layers += [nn.GroupNorm(min(8, cin), cin), nn.SiLU(), nn.Conv2d(cin, 3, 3, padding=1)]
+        layers += [nn.GroupNorm(min(8, ch[-1]), ch[-1]), nn.SiLU(),
+                   nn.ConvTranspose2d(ch[-1], 3, 4, stride=2, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 3, P, P) in [0, 1]

@@ -1,0 +1,215 @@
+"""What every stage shares: its config, the Ray Train launch, checkpoint save/restore, gradient averaging.
+
+A stage is a Ray Train `TorchTrainer`. Data is procedural and a pure function of (seed, step, rank), so the
+"data position" saved in a checkpoint is just the step. A rerun with the same run name and storage resumes from
+the last checkpoint (Ray Train restores it); `FailureConfig` retries failed workers from it too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+from policy.config import ConfigError, load_config
+from policy.shapes import CATEGORIES, Spec, all_specs, caption, render, split_prompts
+
+STATE_FILE = "train_state.pt"
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str                              # run name: a rerun with the same name resumes
+    storage: str = "runs/stages"           # Ray Train storage path (a shared filesystem on a cluster)
+    out: str | None = None                 # where the final artefact is exported (default STORAGE/NAME/final)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    max_failures: int = 1
+    steps: int = 100
+    batch_size: int = 32                   # per worker
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1              # cosine decay to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.storage).resolve() / self.name / "final"
+
+
+# ----------------------------------------------------------------------------------------------- data
+def step_rng(seed: int, step: int, rank: int) -> random.Random:
+    """The data RNG of one worker at one step: resuming at `step` replays exactly the same batches."""
+    return random.Random(f"{seed}/{step}/{rank}")
+
+
+def sample_specs(rng: random.Random, n: int, categories: list[str] | None = None, split: str = "train") -> list[Spec]:
+    """Category-balanced specs from a prompt split (`train`, `heldout` or `all`)."""
+    pool = all_specs() if split == "all" else getattr(split_prompts(), split)
+    cats = categories or list(CATEGORIES)
+    by_cat = {c: [s for s in pool if s.category == c] for c in cats}
+    by_cat = {c: v for c, v in by_cat.items() if v}
+    return [rng.choice(by_cat[rng.choice(sorted(by_cat))]) for _ in range(n)]
+
+
+def scene_batch(rng: random.Random, specs: list[Spec]) -> tuple[torch.Tensor, list[str]]:
+    """(B, 3, 64, 64) float images in [0, 1] and their captions."""
+    imgs = np.stack([render(s, rng) for s in specs])
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, [caption(s) for s in specs]
+
+
+def lr_at(step: int, cfg: StageConfig) -> float:
+    """Linear warm-up, then cosine decay from cfg.lr to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params) -> None:
+    """All-reduce-mean the gradients of `params` across the data-parallel group (no-op on one worker)."""
+    _, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= size
+
+
+def restore(modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
+    """Load the latest Ray Train checkpoint of this run, if any; return the step to continue from."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    for name, module in modules.items():
+        module.load_state_dict(state["modules"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"[stage] resumed from step {state['step']}", flush=True)
+    return int(state["step"])
+
+
+def report(metrics: dict, step: int, modules, optimizer, export: Callable[[Path], None] | None) -> None:
+    """Report metrics from every worker; with `export`, rank 0 also writes a checkpoint (state + artefact)."""
+    import ray.train
+
+    rank, _ = world()
+    metrics = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    if export is None or rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {"step": step, "optimizer": optimizer.state_dict(),
+                 "modules": {n: m.state_dict() for n, m in modules.items()}}
+        torch.save(state, Path(tmp) / STATE_FILE)
+        export(Path(tmp) / "artefact")
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_steps(
+    cfg: StageConfig, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+    step_fn: Callable[[int], tuple[torch.Tensor, dict]], export: Callable[[Path], None],
+) -> None:
+    """The shared loop: restore, then step / average gradients / clip / report / checkpoint until cfg.steps."""
+    from tqdm import tqdm
+
+    rank, _ = world()
+    start = restore(modules, optimizer)
+    for step in tqdm(range(start, cfg.steps), desc=cfg.name, disable=rank != 0, mininterval=5):
+        torch.manual_seed(hash((cfg.seed, step, rank)) % 2**31)
+        loss, metrics = step_fn(step)
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params)
+        if cfg.grad_clip:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if ckpt or done % cfg.log_every == 0:
+            report({"loss": loss.detach(), **metrics}, done, modules, optimizer, export if ckpt else None)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def launch(train_fn: Callable[[dict], None], cfg: StageConfig) -> Path:
+    """Run `train_fn` as a TorchTrainer job; export the final checkpoint's artefact to cfg.out_dir()."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one
+    storage = str(Path(cfg.storage).resolve())
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=cfg.model_dump(),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {cfg.name}: finished without a checkpoint")
+    out = cfg.out_dir()
+    with result.checkpoint.as_directory() as d:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(d) / "artefact", tmp)
+        shutil.copy(Path(d) / "metrics.json", tmp / "metrics.json")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # atomic on one filesystem: a reader never sees a half-copied artefact
+    print(f"[stage] {cfg.name}: exported {out} ({json.loads((out / 'metrics.json').read_text())})")
+    return out
+
+
+def main(cls: type[StageConfig], train_fn: Callable[[dict], None], argv: list[str]) -> int:
+    """`python -m policy.stages.<stage> CONFIG [key=value ...]`: validate, then launch."""
+    if not argv:
+        print(f"usage: python -m {train_fn.__module__} CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    if train_fn.__module__ == "__main__":  # run as a script: use the importable module so workers import it by name
+        import importlib
+
+        module = importlib.import_module(sys.modules["__main__"].__spec__.name)
+        cls, train_fn = getattr(module, cls.__name__), module.train_fn
+    try:
+        cfg = load_config(cls, argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    launch(train_fn, cfg)
+    return 0

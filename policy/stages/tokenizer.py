@@ -1,0 +1,63 @@
+"""Stage: train the multi-scale VQ tokenizer on shapes scenes (pixel branch; joint semantic branch with a teacher).
+
+    python -m policy.stages.tokenizer configs/stages/shapes-tokenizer.yaml [key=value ...]
+
+Reports reconstruction PSNR and per-scale code usage.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from policy.scales import tiny_schedule
+from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
+from policy.tokenizer import MultiScaleVQ, VQConfig
+
+
+class TokenizerStageConfig(StageConfig):
+    vq: VQConfig = VQConfig(schedule=tiny_schedule())
+    beta: float = 0.25                     # commitment weight
+    semantic_weight: float = 1.0
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio (dB) of images in [0, 1]."""
+    return -10 * torch.log10(torch.mean((x - y) ** 2).clamp_min(1e-10))
+
+
+def train_fn(config: dict) -> None:
+    cfg = TokenizerStageConfig(**config)
+    rank, _ = world()
+    torch.manual_seed(cfg.seed)
+    vq = MultiScaleVQ(cfg.vq)
+    modules: dict[str, torch.nn.Module] = {"vq": vq}
+    teacher = head = None
+    if cfg.vq.sem_dim and cfg.vq.teacher:
+        from policy.teacher import SemanticTeacher
+
+        teacher = SemanticTeacher(cfg.vq.teacher, cfg.vq.teacher_pretrained, grid=cfg.vq.grid)
+        head = torch.nn.Conv2d(cfg.vq.sem_dim, teacher.dim, 1)
+        modules["sem_head"] = head
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def step_fn(step: int):
+        images, _ = scene_batch(step_rng(cfg.seed, step, rank), sample_specs(step_rng(cfg.seed, step, rank), cfg.batch_size, split="all"))
+        feats = teacher(images) if teacher is not None else None
+        losses = vq.losses(images, beta=cfg.beta, teacher_feats=feats, sem_head=head)
+        loss = losses["recon"] + losses["vq"] + cfg.semantic_weight * (losses.get("semantic", 0) + losses.get("sem_commit", 0))
+        metrics = {k: v.detach() for k, v in losses.items() if k != "loss"}
+        if (step + 1) % cfg.log_every == 0:
+            with torch.no_grad():
+                enc = vq.encode(images)
+                metrics["psnr"] = psnr(vq.decode(enc.targets), images)
+                for s, codes in enumerate(enc.targets, start=1):
+                    metrics[f"usage/scale{s}"] = torch.unique(codes).numel() / cfg.vq.num_codes
+        return loss, metrics
+
+    train_steps(cfg, modules, opt, step_fn, export=lambda d: vq.save_pretrained(d))
+
+
+if __name__ == "__main__":
+    sys.exit(main(TokenizerStageConfig, train_fn, sys.argv[1:]))
