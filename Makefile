@@ -20,3 +20,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Reproduce the shipped tiny shapes checkpoints (checkpoints/shapes-tiny) from scratch on a local Ray.
+.PHONY: checkpoints
+checkpoints: $(STAMP)
+	$(PY) -m policy.stages.tokenizer configs/stages/shapes-tokenizer.yaml
+	$(PY) -m policy.stages.reward_model configs/stages/shapes-clip.yaml
+	$(PY) -m policy.stages.pretrain configs/stages/shapes-pretrain.yaml
+	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml
+	$(PY) -m policy.stages.ship --runs runs/stages --out checkpoints/shapes-tiny

@@ -1,0 +1,62 @@
+"""Collect the stages' final artefacts into the shipped checkpoint folder, evaluate, and write its README.
+
+    python -m policy.stages.ship [--runs runs/stages] [--out checkpoints/shapes-tiny]
+
+out/policy  (SFT output: transformer + VQ + text tokenizer)   out/clip  (open_clip local-dir)
+out/configs (the exact stage configs)   out/metrics.json (final metrics of each stage)
+out/eval.json + out/samples.png (held-out verifier scores per category, pretrain vs SFT)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from policy.evaluate import EvalConfig, evaluate, format_scores, write_report
+from policy.io import Policy
+
+STAGES = {"tokenizer": "shapes-tokenizer", "reward_model": "shapes-clip", "pretrain": "shapes-pretrain",
+          "sft": "shapes-sft"}
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "stages"
+
+
+def copy_artefact(src: Path, dst: Path) -> dict:
+    """Copy a stage's final folder without its metrics file; return the metrics."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("metrics.json"))
+    return json.loads((src / "metrics.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="runs/stages")
+    ap.add_argument("--out", default="checkpoints/shapes-tiny")
+    args = ap.parse_args()
+    runs, out = Path(args.runs), Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    metrics = {"sft": copy_artefact(runs / STAGES["sft"] / "final", tmp / "policy"),
+               "reward_model": copy_artefact(runs / STAGES["reward_model"] / "final", tmp / "clip")}
+    for stage in ("tokenizer", "pretrain"):
+        metrics[stage] = json.loads((runs / STAGES[stage] / "final" / "metrics.json").read_text())
+    shutil.copytree(CONFIG_DIR, tmp / "configs")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    cfg = EvalConfig()
+    scores = {}
+    for name, path in (("pretrain", runs / STAGES["pretrain"] / "final"), ("sft", tmp / "policy")):
+        result, images, labels = evaluate(Policy.load(path), cfg, desc=f"eval {name}")
+        scores[name] = result
+        if name == "sft":
+            write_report(result, images, labels, tmp, cfg.grid_size)
+        print(f"{name}: {format_scores(result)}")
+    (tmp / "eval.json").write_text(json.dumps({"eval_config": cfg.model_dump(), **scores}, indent=2))
+    (tmp / "scores.json").unlink()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"shipped {out}")
+
+
+if __name__ == "__main__":
+    main()
