@@ -1,0 +1,85 @@
+"""Typed reward configs: which rewards with which weights (`RewardsConfig.rewards`), and how they are served.
+
+    rewards:
+      - {name: verifier, weight: 1.0, kwargs: {mode: partial}}
+      - {name: clip_score, weight: 0.1, kwargs: {model: shapes-clip-tiny, pretrained: null}}
+      - {name: my_package.scores:Aesthetic, weight: 0.5, label: aesthetic}
+    service: {replicas: 1, max_batch_size: 8, batch_wait_timeout_s: 0.05, port: 8000}
+
+Load with `policy.config.load_config(RewardsConfig, path, overrides)`: a bad field is a one-line ConfigError.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class RewardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)  # built-in / registry name, entry point (nextscale.rewards), or "pkg.mod:attr"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = {}      # constructor arguments (class) or bound keyword arguments (function)
+    label: str | None = None         # how its components are reported; default: the name (an import path's attr)
+    timeout_s: float | None = Field(60.0, gt=0)  # one call on one batch; None waits forever
+
+    @model_validator(mode="after")
+    def _default_label(self) -> "RewardEntry":
+        self.label = self.label or self.name.rpartition(":")[2]
+        if "/" in self.label or self.label == "score":
+            raise ValueError(f"label {self.label!r}: must not contain '/' or be 'score'")
+        return self
+
+
+class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "rewards"                              # Serve application name
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)                 # per replica
+    num_gpus: float = Field(0.0, ge=0)
+    runtime_env: dict[str, Any] = {}                   # per replica, e.g. {pip: [my-rewards]} or {env_vars: {...}}
+    max_batch_size: int = Field(8, ge=1)               # requests merged into one call of the rewards
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default 2 * max_batch_size
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/rewards"
+    max_request_bytes: int = Field(64 << 20, ge=1)
+    timeout_s: float = Field(300.0, gt=0)              # client: one call, queueing included
+    retries: int = Field(2, ge=0)                      # client: further attempts after a failed call
+    backoff_s: float = Field(0.5, ge=0)                # client: wait before retry k is backoff_s * 2**(k-1) ...
+    backoff_max_s: float = Field(10.0, ge=0)           # ... at most this
+
+    @field_validator("max_ongoing_requests")
+    @classmethod
+    def _fill_batches(cls, v: int | None, info: ValidationInfo) -> int | None:
+        size = info.data.get("max_batch_size", 1)
+        if v is not None and v < size:
+            raise ValueError(f"must be >= max_batch_size ({size}) or batches never fill")
+        return v
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @property
+    def ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+
+class RewardsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rewards: list[RewardEntry] = Field(min_length=1)
+    service: ServiceConfig = ServiceConfig()
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_labels(cls, v: list[RewardEntry]) -> list[RewardEntry]:
+        labels = [e.label for e in v]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"labels {dup} appear more than once; give each entry its own label")
+        return v

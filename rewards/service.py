@@ -1,0 +1,92 @@
+"""The reward service: a Ray Serve deployment that holds a CombinedReward and batches requests.
+
+Two doors to the same batch queue (`serve.batch`: up to max_batch_size requests, waiting up to
+batch_wait_timeout_s, merged into one call of the rewards per image size):
+  - `handle.score.remote(Batch)` from the driver (rewards/client.py), answering Scored JSON or {"error": ...};
+  - HTTP on host:port + route_prefix (127.0.0.1 by default): POST the wire JSON (rewards/wire.py) -> 200 scores,
+    400 bad payload, 413 too large, 500 {"error": "reward 'name': cause"}; GET -> metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from rewards.base import Batch, RewardError, resolve
+from rewards.combine import CombinedReward, score_many
+from rewards.config import RewardsConfig
+from rewards.wire import PayloadError, batch_from_json
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed `limit` bytes."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+@serve.deployment
+class RewardService:
+    def __init__(self, cfg: dict):
+        self.cfg = RewardsConfig.model_validate(cfg)
+        self.reward = CombinedReward(self.cfg.rewards)
+        self._batched.set_max_batch_size(self.cfg.service.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.cfg.service.batch_wait_timeout_s)
+
+    @serve.batch
+    async def _batched(self, batches: list[Batch]) -> list[dict]:
+        try:
+            scored = await asyncio.to_thread(score_many, self.reward, batches)
+        except RewardError as e:
+            return [{"error": str(e)}] * len(batches)
+        return [s.to_json() for s in scored]
+
+    async def score(self, batch: Batch) -> dict:
+        return await self._batched(batch)
+
+    def metrics(self) -> dict:
+        return self.reward.metrics.summary()
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.method == "GET":
+            return JSONResponse(self.metrics())
+        if request.method != "POST":
+            return error(405, f"{request.method} not allowed; POST a batch or GET metrics")
+        limit = self.cfg.service.max_request_bytes
+        body = await read_body(request, limit)
+        if body is None:
+            return error(413, f"request larger than max_request_bytes={limit}")
+        try:
+            batch = batch_from_json(json.loads(body))
+        except PayloadError as e:
+            return error(400, f"bad payload: {e}")
+        except ValueError as e:  # not JSON
+            return error(400, f"bad payload: not JSON ({e})")
+        out = await self._batched(batch)
+        return JSONResponse(out, status_code=500 if "error" in out else 200)
+
+
+def start_service(cfg: RewardsConfig) -> DeploymentHandle:
+    """Deploy the service on the connected Ray cluster; fails fast here if a reward cannot be found."""
+    for e in cfg.rewards:
+        resolve(e.name)
+    svc = cfg.service
+    serve.start(http_options={"host": svc.host, "port": svc.port})
+    app = RewardService.options(
+        num_replicas=svc.replicas, max_ongoing_requests=svc.ongoing_requests,
+        ray_actor_options={"num_cpus": svc.num_cpus, "num_gpus": svc.num_gpus, "runtime_env": svc.runtime_env},
+    ).bind(cfg.model_dump())
+    return serve.run(app, name=svc.name, route_prefix=svc.route_prefix)
