@@ -45,12 +45,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in first["loc"])
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{field}: {first['msg']}{more}"
+    # a cross-field check raised by a model validator already names its field
+    return f"{field}: {msg}{more}" if field else f"{msg}{more}"
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = (), context: dict | None = None) -> T:
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -64,7 +66,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
             raise ConfigError(f"config: {path} must hold a mapping at the top level")
     data = apply_overrides(data, list(overrides))
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=context)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
     except ValueError as e:  # raised by our own validators outside pydantic's wrapping

@@ -1,6 +1,6 @@
 """Sample images from a policy for held-out shapes prompts, write a captioned PNG grid and verifier scores.
 
-    python -m policy.demo configs/shapes-tiny.yaml [key.sub=value ...]
+    python -m policy.demo configs/shapes-sample.yaml [key.sub=value ...]
 """
 from __future__ import annotations
 

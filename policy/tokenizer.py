@@ -118,6 +118,7 @@ class Encoded:
     f: torch.Tensor              # (B, C, H, W) encoder features
     f_hat: torch.Tensor          # (B, C, H, W) reconstruction of f from the input codes
     sem_residuals: list[torch.Tensor]  # per scale (B, D_sem, h_s, w_s) semantic projection of the residual
+    residuals: list[torch.Tensor]      # per scale (B, C, h_s, w_s) the residual that was quantised
 
 
 class MultiScaleVQ(nn.Module):
@@ -130,6 +131,7 @@ class MultiScaleVQ(nn.Module):
         self.pix_codebook = nn.Embedding(cfg.num_codes, cfg.code_dim)
         nn.init.uniform_(self.pix_codebook.weight, -1 / cfg.num_codes, 1 / cfg.num_codes)
         self.refine = nn.Conv2d(cfg.code_dim, cfg.code_dim, 3, padding=1)
+        self.register_buffer("usage", torch.zeros(cfg.num_codes), persistent=False)  # code hits while training
         if cfg.sem_dim:
             self.sem_proj = nn.Conv2d(cfg.code_dim, cfg.sem_dim, 1)
             self.sem_codebook = nn.Embedding(cfg.num_codes, cfg.sem_dim)
@@ -168,9 +170,10 @@ class MultiScaleVQ(nn.Module):
         """
         f = self.encoder(images)
         f_hat = torch.zeros_like(f)
-        targets, inputs, sem_res = [], [], []
+        targets, inputs, sem_res, residuals = [], [], [], []
         for h, w in self.schedule:
             r = F.interpolate(f - f_hat, size=(h, w), mode="area")
+            residuals.append(r)
             if self.cfg.sem_dim:
                 sem_res.append(self.sem_proj(r))
             dist = self.distances(r)
@@ -182,7 +185,10 @@ class MultiScaleVQ(nn.Module):
             targets.append(target)
             inputs.append(inp)
             f_hat = f_hat + self.phi(upsample(self.lookup(inp), f.shape[-2:]))
-        return Encoded(targets, inputs, f, f_hat, sem_res)
+        if self.training:
+            for t in targets:
+                self.usage += torch.bincount(t.flatten(), minlength=self.cfg.num_codes).to(self.usage)
+        return Encoded(targets, inputs, f, f_hat, sem_res, residuals)
 
     def features(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """f_hat from the codes of the first len(codes) scales: (B, C, H, W)."""
@@ -211,17 +217,21 @@ class MultiScaleVQ(nn.Module):
     # ------------------------------------------------------------------ training objective
     def losses(
         self, images: torch.Tensor, beta: float = 0.25, teacher_feats: torch.Tensor | None = None,
-        sem_head: nn.Module | None = None,
+        sem_head: nn.Module | None = None, fg_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Reconstruction + VQ losses (straight-through to the encoder); semantic alignment when a teacher is given.
+
+        recon = mean of w * (|e| + e^2) over pixels, w = 1 + fg_weight on pixels that differ from the image's
+        dominant (median) colour: small objects on a plain background are not drowned by the background.
 
         teacher_feats: (B, D_t, H, W) frozen patch features; sem_head maps the accumulated semantic code vectors
         (B, D_sem, H, W) to D_t, and the loss is 1 - cosine similarity per position.
         """
         enc = self.encode(images)
         f_hat_st = enc.f + (enc.f_hat - enc.f).detach()
+        err = self.decoder(f_hat_st) - images
         out = {
-            "recon": F.mse_loss(self.decoder(f_hat_st), images),
+            "recon": (foreground_weights(images, fg_weight) * (err.abs() + err * err)).mean(),
             "vq": F.mse_loss(enc.f_hat, enc.f.detach()) + beta * F.mse_loss(enc.f, enc.f_hat.detach()),
         }
         if self.cfg.sem_dim and teacher_feats is not None and sem_head is not None:
@@ -236,6 +246,17 @@ class MultiScaleVQ(nn.Module):
             ) / len(enc.targets)
         out["loss"] = sum(out.values())
         return out
+
+    @torch.no_grad()
+    def restart_dead_codes(self, enc: Encoded, generator: torch.Generator | None = None) -> int:
+        """Codes unused since the last call get a residual vector drawn from `enc` (a recent batch); usage resets."""
+        dead = (self.usage == 0).nonzero().flatten()
+        if len(dead):
+            pool = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]) for r in enc.residuals])
+            pick = torch.randint(0, len(pool), (len(dead),), generator=generator)
+            self.pix_codebook.weight[dead] = pool[pick].to(self.pix_codebook.weight)
+        self.usage.zero_()
+        return len(dead)
 
     # ------------------------------------------------------------------ weight I/O
     def save_pretrained(self, path: str | Path) -> None:
@@ -253,6 +274,14 @@ class MultiScaleVQ(nn.Module):
 
         load_state_strict(model, path / "model.safetensors")
         return model.eval()
+
+
+def foreground_weights(images: torch.Tensor, fg_weight: float, tol: float = 0.05) -> torch.Tensor:
+    """(B, 3, P, P) -> (B, 1, P, P): 1 + fg_weight where a pixel differs from its image's median colour."""
+    if not fg_weight:
+        return torch.ones_like(images[:, :1])
+    median = images.flatten(2).median(dim=2).values[..., None, None]                  # (B, 3, 1, 1)
+    return 1 + fg_weight * ((images - median).abs().sum(1, keepdim=True) > tol).float()
 
 
 def _sq_dist(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

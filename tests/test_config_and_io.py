@@ -25,10 +25,10 @@ def test_overrides():
 
 
 def test_config_errors_name_the_field(tmp_path):
-    cfg = load_config(DemoConfig, ROOT / "configs/shapes-tiny.yaml", ["sample.cfg_scale=5", "num_images=2"])
+    cfg = load_config(DemoConfig, ROOT / "configs/shapes-sample.yaml", ["sample.cfg_scale=5", "num_images=2"])
     assert cfg.sample.cfg_scale == 5 and cfg.num_images == 2
     with pytest.raises(ConfigError, match=r"^sample.cfg_scale: "):
-        load_config(DemoConfig, ROOT / "configs/shapes-tiny.yaml", ["sample.cfg_scale=abc"])
+        load_config(DemoConfig, ROOT / "configs/shapes-sample.yaml", ["sample.cfg_scale=abc"])
     with pytest.raises(ConfigError, match=r"^sample.bogus: "):
         load_config(DemoConfig, None, ["sample.bogus=1"])
     with pytest.raises(ConfigError, match="not found"):
@@ -62,11 +62,11 @@ def test_demo_command_writes_png(tmp_path):
     overrides = [f"out_dir={tmp_path}", "num_images=4", "batch_size=4"]
     overrides += [f"policy.vq.{k}={v}" for k, v in TINY["vq"].items()]
     overrides += [f"policy.backbone.{k}={v}" for k, v in TINY["backbone"].items()]
-    proc = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-tiny.yaml", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-sample.yaml", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out strict verifier score" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-tiny.yaml", "sample.top_k=x"],
+    bad = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-sample.yaml", "sample.top_k=x"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "sample.top_k" in bad.stderr

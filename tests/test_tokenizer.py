@@ -87,3 +87,24 @@ def test_dual_codebook_with_open_clip_teacher():
 def test_single_branch_has_no_semantic_parts(vq):
     assert not hasattr(vq, "sem_codebook")
     assert "semantic" not in vq.losses(shapes_batch(2))
+
+
+def test_foreground_weights_and_dead_code_restart():
+    from policy.tokenizer import foreground_weights
+
+    img = torch.full((1, 3, 4, 4), 0.9)
+    img[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    w = foreground_weights(img, 4.0)
+    assert w[0, 0, 0, 0] == 5 and (w.flatten()[1:] == 1).all()
+    assert torch.equal(foreground_weights(img, 0.0), torch.ones(1, 1, 4, 4))
+    vq = tiny_vq().train()
+    enc = vq.encode(shapes_batch(4))
+    used = vq.usage > 0
+    assert vq.usage.sum() == 4 * 130 and not used.all()
+    before = vq.pix_codebook.weight.detach().clone()
+    n = vq.restart_dead_codes(enc, torch.Generator().manual_seed(0))
+    after = vq.pix_codebook.weight.detach()
+    assert n == int((~used).sum()) and torch.equal(after[used], before[used]) and not torch.equal(after[~used], before[~used])
+    pool = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, 16) for r in enc.residuals])
+    assert all((pool == row).all(1).any() for row in after[~used][:5])  # new codes are real residual vectors
+    assert vq.usage.sum() == 0

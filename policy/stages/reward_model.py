@@ -47,6 +47,7 @@ def train_fn(config: dict) -> None:
     rank, size = world()
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(cfg.model)
+    model.output_dict = True
     tokenizer = open_clip.get_tokenizer(cfg.model)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)

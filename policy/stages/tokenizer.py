@@ -18,12 +18,30 @@ from policy.tokenizer import MultiScaleVQ, VQConfig
 class TokenizerStageConfig(StageConfig):
     vq: VQConfig = VQConfig(schedule=tiny_schedule())
     beta: float = 0.25                     # commitment weight
+    fg_weight: float = 4.0                 # extra reconstruction weight on non-background pixels
+    restart_every: int = 25                # steps between dead-code restarts (0: never)
     semantic_weight: float = 1.0
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio (dB) of images in [0, 1]."""
     return -10 * torch.log10(torch.mean((x - y) ** 2).clamp_min(1e-10))
+
+
+def restart_codes(vq: MultiScaleVQ, images: torch.Tensor, step: int) -> int:
+    """Dead-code restart on rank 0, then the codebook is broadcast so every rank holds the same one."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    n = 0
+    if rank == 0:
+        with torch.no_grad():
+            n = vq.restart_dead_codes(vq.encode(images), torch.Generator().manual_seed(step))
+    else:
+        vq.usage.zero_()
+    if size > 1:
+        dist.broadcast(vq.pix_codebook.weight.data, src=0)
+    return n
 
 
 def train_fn(config: dict) -> None:
@@ -45,9 +63,11 @@ def train_fn(config: dict) -> None:
     def step_fn(step: int):
         images, _ = scene_batch(step_rng(cfg.seed, step, rank), sample_specs(step_rng(cfg.seed, step, rank), cfg.batch_size, split="all"))
         feats = teacher(images) if teacher is not None else None
-        losses = vq.losses(images, beta=cfg.beta, teacher_feats=feats, sem_head=head)
+        losses = vq.losses(images, beta=cfg.beta, teacher_feats=feats, sem_head=head, fg_weight=cfg.fg_weight)
         loss = losses["recon"] + losses["vq"] + cfg.semantic_weight * (losses.get("semantic", 0) + losses.get("sem_commit", 0))
         metrics = {k: v.detach() for k, v in losses.items() if k != "loss"}
+        if cfg.restart_every and (step + 1) % cfg.restart_every == 0:
+            metrics["restarted_codes"] = restart_codes(vq, images, step)
         if (step + 1) % cfg.log_every == 0:
             with torch.no_grad():
                 enc = vq.encode(images)
