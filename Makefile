@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m policy.demo configs/shapes-tiny.yaml
+	$(PY) -m policy.demo configs/shapes-sample.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
