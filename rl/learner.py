@@ -1,0 +1,472 @@
+"""The learner: N Ray actors, one DeepSpeed engine each, one torch.distributed group (gloo on CPU, nccl on GPU).
+
+    driver  LearnerGroup.step(batch)        splits the B rows into N contiguous shards, one per rank
+    rank r  LearnerActor.step(shard)        micro-batches in a fixed order; per micro-batch:
+                                              logp = score_prefix(model, vq, text, codes, m)    (policy/scoring.py)
+                                              loss = prefix_grpo_loss(logp, old, adv, k, ...)     (rl/grpo.py)
+                                              engine.backward(loss); engine.step()
+    one optimiser step per pass over the shard (DeepSpeed gradient accumulation = micro-batches per rank);
+    `passes` passes over the same batch (PPO-style epochs; old log-probs stay those of the rollouts).
+
+The forward covers only `text + <boi> + scales 2..m`. The multi-scale tokenizer (vq) is frozen and kept out of
+the DeepSpeed module (it only turns codes into input features). Reference model for beta > 0: with LoRA the same
+model with its adapters disabled (no second copy); without LoRA a frozen copy of the initial weights (a full
+replica on every rank, also under ZeRO-3); beta == 0 loads none.
+
+Defaults derived here (user `deepspeed` dict merged over them, see `deepspeed_config`): ZeRO stage 0, fp32 on CPU
+and bf16 on GPU, gradient_clipping = grad_clip, micro-batch = min(micro_batch_size, rows per rank),
+gradient_accumulation_steps = ceil(rows per rank / micro-batch) (a smaller last micro-batch is weighted by its rows). AdamW(betas, weight_decay) is a torch optimiser passed to
+deepspeed.initialize (no DeepSpeed op needs compiling); weight decay applies to parameters with dim >= 2 only
+(matrices and embeddings, not biases or norms; nanoGPT style).
+
+Metrics of a step are means over ranks x passes x micro-batches (maxima for ratio_max and
+ratio_first_pass_max_abs_dev = max |rho - 1| over every micro-batch of the first pass: all of them run before the
+first optimiser step, so it checks that the rollouts' old log-probs equal the learner's). `version` counts steps;
+`publish()` hands out (version, object ref of the trainable state: all weights, or only the LoRA adapters).
+Determinism: every rank seeds from cfg.seed, no dropout by default, fixed shard and micro-batch order.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import socket
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from policy.scales import prefix_tokens, scale_index_per_token, scale_weights
+from policy.scoring import PrefixScores, score_prefix
+from rl.grpo import GRPOLossConfig, per_scale_mean, prefix_grpo_loss
+from rl.weights import LoraSettings, apply_lora, trainable_state
+
+CHECKPOINT_TAG = "learner"
+
+
+# ------------------------------------------------------------------------------------------------ config
+class LearnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_ranks: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_rank: float = Field(1.0, gt=0)
+    batch_size: int | None = Field(None, ge=1)  # rows per step over all ranks (prompts x G); None: the run sets it
+    micro_batch_size: int = Field(8, ge=1)    # rows per forward/backward on one rank (capped at rows per rank)
+    passes: int = Field(1, ge=1)              # optimisation passes (optimiser steps) over each batch
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, ge=0)       # 0: no clipping
+    seed: int = 0
+    deepspeed: dict = {}                      # merged over our defaults (deepspeed_config)
+    lora: LoraSettings | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: must lie in [0, 1), got {self.betas}")
+        deepspeed_config(self, need_batch=False)  # raises on a bad merge (and a bad split once batch_size is known)
+        return self
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Recursive merge: values of `over` win; nested dicts are merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def rows_per_rank(cfg: LearnerConfig) -> int:
+    if cfg.batch_size % cfg.num_ranks:
+        raise ValueError(f"batch_size: {cfg.batch_size} rows do not split evenly over {cfg.num_ranks} ranks")
+    return cfg.batch_size // cfg.num_ranks
+
+
+def batch_defaults(cfg: LearnerConfig) -> dict:
+    """Micro-batch = min(micro_batch_size, rows per rank); accumulation steps = micro-batches per rank (the last
+    one may be smaller: see micro_loss_scale)."""
+    per_rank = rows_per_rank(cfg)
+    micro = min(cfg.micro_batch_size, per_rank)
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": math.ceil(per_rank / micro)}
+
+
+def check_batch(ds: dict, cfg: LearnerConfig) -> None:
+    micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    if not (isinstance(micro, int) and isinstance(gas, int) and micro >= 1 and gas >= 1):
+        raise ValueError(f"deepspeed: micro-batch {micro!r} and gradient_accumulation_steps {gas!r} must be ints >= 1")
+    per_rank = rows_per_rank(cfg)
+    if gas != math.ceil(per_rank / micro):
+        raise ValueError(f"deepspeed.gradient_accumulation_steps: {gas}, but {per_rank} rows per rank make "
+                         f"{math.ceil(per_rank / micro)} micro-batches of {micro}")
+    if ds.get("train_batch_size", micro * gas * cfg.num_ranks) != micro * gas * cfg.num_ranks:
+        raise ValueError(f"deepspeed.train_batch_size: {ds['train_batch_size']} != micro-batch {micro} x {gas} "
+                         f"steps x {cfg.num_ranks} ranks")
+
+
+def micro_loss_scale(rows: int, shard_rows: int, gas: int) -> float:
+    """DeepSpeed divides each micro-batch loss by gas; a micro-batch of `rows` of the rank's `shard_rows` must weigh
+    rows / shard_rows in the rank's mean loss (each micro-batch loss is a per-row mean): sum_i s_i l_i / gas."""
+    return rows * gas / shard_rows
+
+
+def deepspeed_config(cfg: LearnerConfig, need_batch: bool = True) -> dict:
+    """Our defaults with `cfg.deepspeed` merged over them; the batch arithmetic must add up."""
+    defaults = {
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": cfg.use_gpu},
+        "zero_allow_untested_optimizer": True,   # our optimiser is torch's AdamW
+        "zero_force_ds_cpu_optimizer": False,    # ... also with optimizer offload (no DeepSpeedCPUAdam to compile)
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.batch_size is not None:
+        defaults |= batch_defaults(cfg)
+    ds = merge_dicts(defaults, cfg.deepspeed)
+    if "optimizer" in ds:
+        raise ValueError("deepspeed.optimizer: not supported, the learner builds torch AdamW (lr, betas, weight_decay)")
+    stage = ds["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError("deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3")
+    if cfg.batch_size is not None:
+        check_batch(ds, cfg)
+    elif need_batch:
+        raise ValueError("batch_size: not set (rows per step = prompts x group size; LearnerGroup(batch_size=...))")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ the batch
+@dataclass
+class TrainBatch:
+    text_ids: list[list[int]]      # B prompts (token ids, no padding)
+    codes: list[torch.Tensor]      # codes of scales 1..m (more are ignored), each (B, h_s, w_s) long
+    old_logprobs: torch.Tensor     # (B, N_m) log-probs of the rollouts (unguided conditional policy)
+    advantages: torch.Tensor       # (B,)
+
+    def __post_init__(self):
+        b = len(self.text_ids)
+        lp, adv = tuple(self.old_logprobs.shape), tuple(self.advantages.shape)
+        if any(c.shape[0] != b for c in self.codes) or lp[0] != b or adv != (b,):
+            raise ValueError(f"batch: {b} prompts, but codes {[tuple(c.shape) for c in self.codes]}, "
+                             f"old_logprobs {lp}, advantages {adv}")
+
+    def __len__(self) -> int:
+        return len(self.text_ids)
+
+    def rows(self, lo: int, hi: int) -> "TrainBatch":
+        return TrainBatch(self.text_ids[lo:hi], [c[lo:hi] for c in self.codes], self.old_logprobs[lo:hi],
+                          self.advantages[lo:hi])
+
+
+def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
+    """Contiguous micro-batches of `size` rows in order (the last one may be smaller)."""
+    return [batch.rows(i, i + size) for i in range(0, len(batch), size)]
+
+
+def split_rows(batch: TrainBatch, parts: int) -> list[TrainBatch]:
+    """Contiguous, equal shards in order (rank r gets rows r*B/parts ... (r+1)*B/parts - 1)."""
+    if len(batch) % parts:
+        raise ValueError(f"batch: {len(batch)} rows do not split evenly into {parts} parts")
+    n = len(batch) // parts
+    return [batch.rows(i * n, (i + 1) * n) for i in range(parts)]
+
+
+MAX_KEYS = ("ratio_max", "ratio_first_pass_max_abs_dev")
+
+
+def reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over records (ranks x passes x micro-batches) of each key; maxima for the *max* keys."""
+    keys = sorted({k for r in records for k in r})
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in records if k in r]
+        out[k] = max(vals) if k in MAX_KEYS else sum(vals) / len(vals)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the module
+class PrefixScorer(nn.Module):
+    """What DeepSpeed wraps: the policy transformer (maybe with LoRA); forward = score_prefix over scales 1..m.
+
+    The vq is held outside the module tree: frozen, never partitioned, cast or handed to the optimiser.
+    """
+
+    def __init__(self, model: nn.Module, vq: nn.Module, m: int):
+        super().__init__()
+        self.model = model
+        self.__dict__["vq"] = vq
+        self.m = m
+
+    def forward(self, text_ids: list[list[int]], codes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        s = score_prefix(self.model, self.vq, text_ids, codes, self.m)
+        return s.logprobs, s.entropy                                           # (B, N_m) each
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The NextScaleLM inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def register_direct_params(scorer: PrefixScorer) -> None:
+    """ZeRO-3: parameters that NextScaleLM uses outside their own module's forward (head rows, scale embedding)."""
+    from deepspeed.runtime.zero import register_external_parameter
+
+    lm = base_model(scorer.model)
+    for p in (lm.lm_head.weight, lm.scale_embed.weight):
+        register_external_parameter(scorer, p)
+
+
+def adamw(module: nn.Module, cfg: LearnerConfig) -> torch.optim.AdamW:
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ one rank
+@ray.remote
+class LearnerActor:
+    """One rank: holds one DeepSpeed engine; the math is in score_prefix and prefix_grpo_loss."""
+
+    def __init__(self, rank: int, world_size: int, policy_dir: str, m: int, alpha: float,
+                 loss_cfg: GRPOLossConfig, cfg: LearnerConfig):
+        self.rank, self.world_size, self.policy_dir = rank, world_size, policy_dir
+        self.m, self.alpha, self.loss_cfg, self.cfg = m, alpha, loss_cfg, cfg
+        os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "nextscale-rl-torch-ext"))
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        import deepspeed
+
+        from policy.io import Policy
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if not self.cfg.use_gpu:  # every DeepSpeed op unavailable: no JIT build of the shm-comm op; gloo it is
+            deepspeed.ops.__compatible_ops__ = {}
+        deepspeed.init_distributed(dist_backend="nccl" if self.cfg.use_gpu else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=10))
+        seed_everything(self.cfg.seed)
+        policy = Policy.load(self.policy_dir)
+        model = policy.model
+        for p in policy.vq.parameters():
+            p.requires_grad_(False)
+        self.ref = None
+        if self.loss_cfg.beta and self.cfg.lora is None:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.cfg.lora is not None:
+            model = apply_lora(model, self.cfg.lora)
+        scorer = PrefixScorer(model, policy.vq, self.m).train()
+        self.ds_config = deepspeed_config(self.cfg)
+        self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
+        if self.zero_stage == 3:
+            register_direct_params(scorer)
+        self.engine, *_ = deepspeed.initialize(model=scorer, optimizer=adamw(scorer, self.cfg), config=self.ds_config)
+        self.vq = policy.vq.to(self.engine.device)
+        if self.ref is not None:
+            dtype = next(self.engine.module.parameters()).dtype
+            self.ref = PrefixScorer(self.ref.to(self.engine.device, dtype), self.vq, self.m)
+        sched = base_model(model).schedule[: self.m]
+        self.k = scale_weights(sched, self.alpha)[scale_index_per_token(sched)].to(self.engine.device)  # (N_m,)
+        self.scale_of_token = scale_index_per_token(sched).to(self.engine.device)                       # (N_m,)
+        self._last_grad_norm = 0.0
+        return {"schedule": sched, "tokens": prefix_tokens(sched, self.m), "zero_stage": self.zero_stage,
+                "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
+
+    # -------------------------------------------------------------------------------------------- forward
+    def _scores(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool = False):
+        """(B, N_m) log-probs and entropy; reference: the frozen copy, or (LoRA) the base with adapters off."""
+        codes = [c.to(self.engine.device) for c in codes[: self.m]]
+        if not reference:
+            return self.engine(text_ids, codes)
+        if self.ref is not None:
+            return self.ref(text_ids, codes)
+        if self.cfg.lora is None:
+            raise ValueError("reference: this learner holds no reference model (beta == 0 and no LoRA)")
+        with self.engine.module.model.disable_adapter():
+            return self.engine(text_ids, codes)
+
+    @torch.no_grad()
+    def _ref_logprobs(self, mb: TrainBatch) -> torch.Tensor | None:
+        return self._scores(mb.text_ids, mb.codes, reference=True)[0] if self.loss_cfg.beta else None
+
+    # -------------------------------------------------------------------------------------------- training
+    def step(self, shard: TrainBatch) -> list[dict[str, float]]:
+        micro = micro_batches(shard, self.ds_config["train_micro_batch_size_per_gpu"])
+        gas = self.ds_config["gradient_accumulation_steps"]
+        if len(micro) != gas:
+            raise ValueError(f"batch: {len(shard)} rows on rank {self.rank} make {len(micro)} micro-batches, not {gas}")
+        refs = [self._ref_logprobs(mb) for mb in micro]                # constant over passes
+        self.engine.train()
+        records = []
+        for p in range(self.cfg.passes):
+            for mb, ref in zip(micro, refs):
+                scale = micro_loss_scale(len(mb), len(shard), gas)
+                records.append(self._micro_step(mb, ref, scale, first_pass=p == 0))
+            records.append({"grad_norm": self._last_grad_norm})
+        return records
+
+    def _micro_step(self, mb: TrainBatch, ref: torch.Tensor | None, scale: float, first_pass: bool) -> dict:
+        dev = self.engine.device
+        old, adv = mb.old_logprobs.to(dev).float(), mb.advantages.to(dev).float()
+        logp, entropy = self._scores(mb.text_ids, mb.codes)                           # (b, N_m) each
+        loss, metrics = prefix_grpo_loss(logp, old, adv, self.k, self.loss_cfg, ref)
+        self.engine.backward(loss * scale)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        manual_norm = self._grad_norm() if boundary and self.zero_stage == 0 else None
+        self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self._last_grad_norm = float(norm if norm is not None else manual_norm)
+        metrics["loss"] = loss.item()
+        if first_pass:
+            metrics["ratio_first_pass_max_abs_dev"] = (logp.detach() - old).exp().sub(1).abs().max().item()
+        for name, x in (("logp", logp.detach()), ("entropy", entropy.detach())):
+            for s, v in enumerate(per_scale_mean(x, self.scale_of_token, self.m).tolist()):
+                metrics[f"{name}/scale{s + 1}"] = v
+        return metrics
+
+    def _grad_norm(self) -> float:
+        """Pre-clipping L2 norm of the (already all-reduced) gradients; ZeRO stages report their own."""
+        grads = [p.grad.float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.stack(grads).sum().sqrt().item() if grads else 0.0
+
+    # -------------------------------------------------------------------------------------------- weights
+    def _gathered(self):
+        if self.zero_stage != 3:
+            return nullcontext()
+        from deepspeed.runtime.zero import GatheredParameters
+
+        return GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        with self._gathered():
+            return trainable_state(self.engine.module.model)
+
+    @torch.no_grad()
+    def score(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool) -> PrefixScores:
+        self.engine.eval()
+        lp, ent = self._scores(text_ids, codes, reference)
+        return PrefixScores(lp.float().cpu(), ent.float().cpu())
+
+    def save(self, path: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client_state,
+                                    exclude_frozen_parameters=self.cfg.lora is not None)
+
+    def load(self, path: str) -> dict:
+        loaded, client_state = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG,
+                                                           load_module_strict=self.cfg.lora is None)
+        if loaded is None:
+            raise FileNotFoundError(f"learner checkpoint: nothing to load in {path}")
+        return client_state or {}
+
+
+# ------------------------------------------------------------------------------------------------ the group
+class LearnerGroup:
+    """Driver side: a placement group of num_ranks bundles, one LearnerActor per bundle, one process group."""
+
+    def __init__(self, policy_dir: str | Path, m: int, alpha: float, loss: GRPOLossConfig, cfg: LearnerConfig,
+                 seed: int | None = None, batch_size: int | None = None):
+        """`seed` / `batch_size`, when given, replace cfg.seed / cfg.batch_size (the run's seed, prompts x G)."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not Path(policy_dir).is_dir():
+            raise FileNotFoundError(f"policy_dir: {policy_dir} is not a policy directory")
+        update = {k: v for k, v in (("seed", seed), ("batch_size", batch_size)) if v is not None}
+        cfg = LearnerConfig.model_validate(cfg.model_dump() | update)
+        deepspeed_config(cfg)  # batch_size must be known by now
+        self.cfg, self.m, self.version = cfg, m, 0
+        bundle = {"CPU": cfg.cpus_per_rank} | ({"GPU": 1} if cfg.use_gpu else {})
+        self.pg = placement_group([bundle] * cfg.num_ranks, strategy="PACK")
+        ray.get(self.pg.ready())
+        self.actors = [
+            LearnerActor.options(
+                num_cpus=cfg.cpus_per_rank, num_gpus=1 if cfg.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(r, cfg.num_ranks, str(Path(policy_dir).resolve()), m, alpha, loss, cfg)
+            for r in range(cfg.num_ranks)
+        ]
+        try:
+            addr, port = ray.get(self.actors[0].address.remote())
+            self.info = ray.get([a.setup.remote(addr, port) for a in self.actors])[0]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _all(self, method: str, *args) -> list:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One learner step (`passes` optimiser steps) on B rows; metrics averaged over ranks and micro-batches."""
+        if len(batch) != self.cfg.batch_size:
+            raise ValueError(f"batch: {len(batch)} rows, the learner is set up for batch_size {self.cfg.batch_size}")
+        if len(batch.codes) < self.m or batch.old_logprobs.shape[1] != self.info["tokens"]:
+            raise ValueError(f"batch: needs codes of scales 1..{self.m} and old_logprobs (B, {self.info['tokens']}), "
+                             f"got {len(batch.codes)} scales and {tuple(batch.old_logprobs.shape)}")
+        batch = TrainBatch(batch.text_ids, batch.codes[: self.m], batch.old_logprobs, batch.advantages)
+        shards = split_rows(batch, self.cfg.num_ranks)
+        records = ray.get([a.step.remote(s) for a, s in zip(self.actors, shards)])
+        self.version += 1
+        return reduce_metrics([r for rank in records for r in rank]) | {"version": self.version}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Rank 0's trainable weights (all, or the LoRA adapters); ZeRO-3 partitions are gathered first."""
+        return ray.get(self.publish()[1])
+
+    def rank_states(self) -> list[dict[str, torch.Tensor]]:
+        """Every rank's trainable weights (the ranks of a healthy group hold identical ones)."""
+        return self._all("trainable_state")
+
+    def publish(self) -> tuple[int, ray.ObjectRef]:
+        """(version, object ref of the trainable state): the ref can go to every rollout worker as is."""
+        ranks = self.actors if self.info["zero_stage"] == 3 else self.actors[:1]   # ZeRO-3: all ranks gather
+        refs = [a.trainable_state.remote() for a in ranks]
+        ray.get(refs[1:])
+        return self.version, refs[0]
+
+    def score(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool = False) -> PrefixScores:
+        """Per-token log-probs / entropy of scales 1..m under the learner's model (or its reference), no grad."""
+        return self._all("score", text_ids, codes[: self.m], reference)[0]
+
+    def save(self, path: str | Path) -> None:
+        """DeepSpeed checkpoint (weights + optimiser state + version) into `path` (shared storage across nodes)."""
+        self._all("save", str(path), {"version": self.version})
+
+    def load(self, path: str | Path) -> None:
+        states = self._all("load", str(path))
+        self.version = int(states[0].get("version", 0))
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for a in getattr(self, "actors", []):
+            ray.kill(a)
+        self.actors = []
+        if getattr(self, "pg", None) is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
