@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m policy.demo configs/shapes-sample.yaml
+	rm -rf runs/shapes-tiny
+	$(PY) -m rl train configs/shapes-tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -17,6 +17,20 @@ class ConfigError(ValueError):
     """A bad config: the message names the field."""
 
 
+def absolute_path(value: str | None) -> str | None:
+    """Paths in configs are resolved against the directory the command runs in (Ray workers run elsewhere).
+
+    "local-dir:REL" (open_clip's folder scheme) keeps its prefix; URLs and model names without a path separator
+    that do not exist on disk are left alone.
+    """
+    if not value or "://" in value:
+        return value
+    prefix, path = ("local-dir:", value[len("local-dir:"):]) if value.startswith("local-dir:") else ("", value)
+    if Path(path).is_absolute() or (not prefix and "/" not in path and not Path(path).exists()):
+        return value
+    return prefix + str(Path(path).resolve())
+
+
 def parse_override(item: str) -> tuple[list[str], object]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
     if "=" not in item:

@@ -1,11 +1,20 @@
 """Weight I/O: strict safetensors loading with clear errors (never a half-loaded model)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from policy.scales import validate_schedule
+
+if TYPE_CHECKING:
+    from policy.tokenizer import MultiScaleVQ
+    from policy.transformer import NextScaleLM
 
 
 def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[str] = frozenset()) -> None:
@@ -32,11 +41,6 @@ def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[st
 
 
 # ------------------------------------------------------------------------------------------ the policy bundle
-from dataclasses import dataclass  # noqa: E402
-
-from pydantic import BaseModel, ConfigDict, field_validator  # noqa: E402
-
-from policy.scales import validate_schedule  # noqa: E402
 
 
 class PolicyConfig(BaseModel):

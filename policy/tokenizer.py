@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from policy.scales import Schedule, validate_schedule
 

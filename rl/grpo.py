@@ -10,10 +10,10 @@ Shapes: P prompts x G samples = B rows; N = tokens of scales 1..m; k (N,) = k_s 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -49,11 +49,11 @@ def weighted_token_mean(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (x * k).sum() / (k.sum() * x.shape[0])
 
 
-@dataclass
-class GRPOLossConfig:
-    eps_lo: float = 0.2
-    eps_hi: float = 0.28
-    beta: float = 0.0
+class GRPOLossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eps_lo: float = Field(0.2, ge=0)
+    eps_hi: float = Field(0.28, ge=0)
+    beta: float = Field(0.0, ge=0)     # 0: no KL term, no reference model loaded
     kl: Literal["k1", "k3"] = "k3"
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from policy.io import PolicyConfig, build_policy
 from policy.scales import tiny_schedule
 from policy.shapes import all_specs, render
 from policy.tokenizer import MultiScaleVQ, VQConfig
@@ -35,6 +36,16 @@ def tiny_vq(seed: int = 0, **kw) -> MultiScaleVQ:
     return MultiScaleVQ(VQConfig(schedule=SCHED, channels=[16, 16, 16], code_dim=16, num_codes=64, **kw)).eval()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module (logical CPUs above the 2 cores: actors here are small)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="nextscale", logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def model():
     return tiny_model()
@@ -62,3 +73,46 @@ def trained_vq():
 
 
 PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11, 12]]
+
+
+# ------------------------------------------------------------------ the RL loop's tiny assets
+TINY_POLICY = dict(vq={"channels": [8, 8, 8], "code_dim": 8, "num_codes": 32},
+                   backbone={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "num_key_value_heads": 1})
+
+
+@pytest.fixture(scope="session")
+def rl_assets(tmp_path_factory):
+    """A tiny random policy and a tiny random CLIP saved once (deterministic rewards that vary with the image)."""
+    import open_clip
+
+    from policy.stages.reward_model import save_open_clip
+
+    root = tmp_path_factory.mktemp("rl-assets")
+    build_policy(PolicyConfig(seed=3, **TINY_POLICY)).save(root / "policy")
+    torch.manual_seed(0)
+    save_open_clip(open_clip.create_model("shapes-clip-tiny"), "shapes-clip-tiny", root / "clip")
+    return root
+
+
+def run_config(assets, tmp_path, name, **over) -> dict:
+    cfg = {
+        "name": name, "runs_dir": str(tmp_path / "runs"), "seed": 1, "steps": 3,
+        "policy_path": str(assets / "policy"), "m": 3, "group_size": 4, "prompts_per_step": 3, "alpha": 0.7,
+        "learner": {"num_ranks": 1, "lr": 3e-3, "micro_batch_size": 6, "cpus_per_rank": 0.5},
+        "rollout": {"workers": 2, "min_workers": 1, "max_workers": 3, "cpus_per_worker": 0.5,
+                    "sample": {"cfg_scale": 2.0, "top_k": 8}},
+        "rewards": {"rewards": [{"name": "verifier", "weight": 1.0},
+                                {"name": "clip_score", "weight": 1.0, "kwargs": {"model": f"local-dir:{assets / 'clip'}"}}],
+                    "service": {"num_cpus": 0.25, "max_batch_size": 4, "port": 8123}},
+        "checkpoint": {"every": 1, "keep": 2},
+        "logging": {"wandb": "offline", "grid_every": 2},
+        "eval": {"enabled": False},
+    }
+    for key, value in over.items():
+        node = cfg
+        *path, last = key.split(".")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return cfg

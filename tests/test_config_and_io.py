@@ -9,11 +9,9 @@ from policy.config import ConfigError, apply_overrides, load_config, parse_overr
 from policy.demo import DemoConfig
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import sample
+from tests.conftest import TINY_POLICY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vq={"channels": [8, 8, 8], "code_dim": 8, "num_codes": 32},
-            backbone={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "num_key_value_heads": 1})
 
 
 def test_overrides():
@@ -41,7 +39,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_policy_save_load_and_corrupt_weights(tmp_path):
-    policy = build_policy(PolicyConfig(**TINY))
+    policy = build_policy(PolicyConfig(**TINY_POLICY))
     policy.save(tmp_path / "p")
     loaded = Policy.load(tmp_path / "p")
     ids = policy.encode_prompts(["a red circle", "two blue squares"])
@@ -60,8 +58,8 @@ def test_policy_save_load_and_corrupt_weights(tmp_path):
 @pytest.mark.slow
 def test_demo_command_writes_png(tmp_path):
     overrides = [f"out_dir={tmp_path}", "num_images=4", "batch_size=4"]
-    overrides += [f"policy.vq.{k}={v}" for k, v in TINY["vq"].items()]
-    overrides += [f"policy.backbone.{k}={v}" for k, v in TINY["backbone"].items()]
+    overrides += [f"policy.vq.{k}={v}" for k, v in TINY_POLICY["vq"].items()]
+    overrides += [f"policy.backbone.{k}={v}" for k, v in TINY_POLICY["backbone"].items()]
     proc = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-sample.yaml", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

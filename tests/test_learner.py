@@ -171,13 +171,6 @@ def test_train_batch_checks_split_and_metrics():
 
 # ================================================================================= real Ray actors, real DeepSpeed
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny random policy saved to disk, and a 2-prompt x G=2 batch sampled from it with CFG 3."""
     policy = build_policy(TINY_POLICY)

@@ -3,7 +3,6 @@ import json
 
 import open_clip
 import pytest
-import ray
 import torch
 
 from policy.io import Policy
@@ -23,13 +22,6 @@ pytestmark = pytest.mark.slow
 TINY_VQ = VQConfig(schedule=SCHED, channels=[8, 8, 8], code_dim=8, num_codes=32)
 TINY_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from policy.config import ConfigError, load_config
+from policy.config import ConfigError, absolute_path, load_config
 from policy.shapes import CATEGORIES, Spec, all_specs, caption, render, split_prompts
 
 STATE_FILE = "train_state.pt"
@@ -46,6 +46,11 @@ class StageConfig(BaseModel):
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _absolute_paths(self):
+        self.storage, self.out = absolute_path(self.storage), absolute_path(self.out)
+        return self
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.storage).resolve() / self.name / "final"

@@ -13,6 +13,7 @@ import sys
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from policy.config import absolute_path
 from policy.io import Policy
 from policy.losses import next_scale_loss
 from policy.scales import scale_index_per_token, scale_weights
@@ -44,6 +45,8 @@ class PretrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _steps_from_phases(self):
+        self.vq_path, self.policy_path, self.init_from = map(absolute_path, (self.vq_path, self.policy_path,
+                                                                            self.init_from))
         self.steps = sum(p.steps for p in self.phases)
         if self.policy_path is None and self.vq_path is None:
             raise ValueError("vq_path: needed to pretrain a new policy (or set policy_path)")

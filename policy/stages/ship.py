@@ -28,6 +28,26 @@ def copy_artefact(src: Path, dst: Path) -> dict:
     return json.loads((src / "metrics.json").read_text())
 
 
+def readme(metrics: dict, scores: dict) -> str:
+    """The shipped folder's README: what is here, how to reproduce it, the final metrics and held-out scores."""
+    cats = ["overall", "partial", "object", "colour", "count", "two-object", "position"]
+    rows = [f"| {name} | " + " | ".join(f"{scores[name].get(c, float('nan')):.3f}" for c in cats) + " |"
+            for name in scores]
+    keep = ("step", "loss", "psnr", "recon", "i2t_acc", "ce/scale1", "ce/scale6")
+    stage_rows = [f"| {stage} | " + ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k in keep) + " |"
+                  for stage, m in metrics.items()]
+    return "\n".join([
+        "# The shipped tiny shapes checkpoints", "",
+        "`policy/` (transformer + multi-scale VQ + word-level text tokenizer; `policy.io.Policy.load`) and `clip/`",
+        "(an open_clip `local-dir:` model: `open_clip.create_model('local-dir:checkpoints/shapes-tiny/clip')`).",
+        "Reproduce from scratch with `make checkpoints` (the stage configs are copied under `configs/`).", "",
+        "## Final stage metrics", "", "| stage | metrics |", "|---|---|", *stage_rows, "",
+        "## Held-out verifier score (strict per category; partial = mean fraction of checks passed)", "",
+        "| policy | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|", *rows, "",
+        "`samples.png`: held-out prompts sampled from `policy/` (verdict in brackets).", "",
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="runs/stages")
@@ -53,6 +73,7 @@ def main() -> None:
         print(f"{name}: {format_scores(result)}")
     (tmp / "eval.json").write_text(json.dumps({"eval_config": cfg.model_dump(), **scores}, indent=2))
     (tmp / "scores.json").unlink()
+    (tmp / "README.md").write_text(readme(metrics, scores))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"shipped {out}")

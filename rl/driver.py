@@ -1,0 +1,236 @@
+"""The central driver: the loop of DESIGN.md ("The loop"), on a local Ray or a cluster.
+
+1 prompts (cursor) -> 2 work units (seeds from run seed, step, prompt index) -> 3 rollout pool -> 4 reward service
+-> 5 group advantages -> 6 learner step -> 7 weights to workers (version = step) -> 8 metrics, grids, Parquet
+-> 9 atomic checkpoint every N steps. SIGTERM finishes the step, checkpoints and returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+
+from rl.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rl.config import RunConfig
+from rl.control import NAMESPACE, RunControl, control_name
+from rl.grpo import group_advantages, zero_std_fraction
+from rl.prompts import load_prompts, prompts_at
+from rl.tracking import Tracker
+from rollout.pool import RolloutPool
+from rollout.record import rollout_table, write_step
+from rollout.units import UnitResult, WorkUnit, unit_seed
+from rollout.worker import RolloutWorker
+
+
+@dataclass
+class DriverState:
+    step: int = 0          # last completed step
+    cursor: int = 0        # position in the prompt stream
+    version: int = 0       # weight version held by the workers (= step)
+    run_id: str | None = None
+    eval_before: dict = field(default_factory=dict)
+
+
+class StopFlag:
+    """SIGTERM / SIGINT: finish the current step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.stop = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.stop = True
+
+
+def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -> list[WorkUnit]:
+    picked = prompts_at(items, cfg.seed, cursor, cfg.prompts_per_step)
+    ids = tokenizer([p for p, _ in picked], add_special_tokens=False)["input_ids"]
+    return [WorkUnit(f"{step}/{i}", step, i, p, tuple(t), unit_seed(cfg.seed, step, i), cfg.group_size, meta)
+            for i, ((p, meta), t) in enumerate(zip(picked, ids))]
+
+
+def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int):
+    from rl.learner import TrainBatch
+
+    rows = [results[u.uid] for u in units]
+    text = [list(u.text_ids) for u in units for _ in range(u.group_size)]
+    codes = [torch.from_numpy(np.concatenate([r.codes[s] for r in rows])) for s in range(m)]
+    old = torch.from_numpy(np.concatenate([r.logprobs for r in rows]))
+    return TrainBatch(text_ids=text, codes=codes, old_logprobs=old, advantages=advantages.reshape(-1).float())
+
+
+class Driver:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_run_dir(self) -> tuple[DriverState, Path | None]:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and not self.cfg.resume:
+            raise ValueError(f"name: run {self.cfg.name} already has checkpoints in {self.run_dir}; "
+                             "pass resume=true to continue it or choose another name")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        os.replace(tmp, self.run_dir / "config.yaml")
+        if ckpt is None:
+            return DriverState(), None
+        return DriverState(**load_state(ckpt)), ckpt
+
+    def _start(self, state: DriverState, ckpt: Path | None) -> None:
+        from policy.io import Policy
+        from rewards.client import RewardClient
+        from rewards.service import start_service
+        from rl.learner import LearnerGroup
+
+        cfg = self.cfg
+        if not ray.is_initialized():
+            ray.init(namespace=NAMESPACE, logging_level="WARNING")
+        self.control = RunControl.options(name=control_name(cfg.name), namespace=NAMESPACE).remote(
+            cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
+        self.rewards = RewardClient(start_service(cfg.rewards), cfg.rewards)
+        learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})
+        self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg)
+        if ckpt is not None:
+            self.learner.load(ckpt / "learner")
+        self.tokenizer = Policy.load(cfg.policy_path).tokenizer
+        self.items = load_prompts(cfg.prompts)
+        r = cfg.rollout
+        lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
+        factory = lambda: RolloutWorker.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(  # noqa: E731
+            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker)
+        self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
+                                desired=lambda: ray.get(self.control.rollout_workers.remote()))
+        if state.version > 0:
+            self.pool.broadcast(*self.learner.publish())
+        self.tracker = Tracker(self.run_dir, cfg.name, cfg.logging.project, cfg.logging.wandb, state.run_id,
+                               cfg.model_dump(mode="json"), resume_step=state.step)
+        state.run_id = self.tracker.run_id
+
+    # ------------------------------------------------------------------ one step
+    def _timed(self, name: str, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        self.timings[name] = time.perf_counter() - t
+        return out
+
+    def step(self, state: DriverState) -> dict:
+        cfg, step = self.cfg, state.step + 1
+        t0 = time.perf_counter()
+        units = make_units(cfg, step, state.cursor, self.items, self.tokenizer)
+        results = self._timed("rollout", self.pool.run, units)
+        images = np.concatenate([results[u.uid].images for u in units])
+        prompts = [u.prompt for u in units for _ in range(u.group_size)]
+        meta = [u.metadata for u in units for _ in range(u.group_size)]
+        scored = self._timed("reward", self.rewards.score, images, prompts, meta)
+        rewards = torch.as_tensor(np.asarray(scored.total), dtype=torch.float64).view(len(units), cfg.group_size)
+        adv = group_advantages(rewards, cfg.normalize_std, cfg.adv_eps)
+        learn = self._timed("learner", self.learner.step, train_batch(units, results, adv, cfg.m))
+        self._timed("sync", lambda: self.pool.broadcast(*self.learner.publish()))
+        if self.pool.version != step:
+            raise RuntimeError(f"learner is at weight version {self.pool.version}, the driver at step {step}")
+        state.step, state.cursor, state.version = step, state.cursor + len(units), step
+        t_log = time.perf_counter()
+        components = {k: np.asarray(v, dtype=np.float64) for k, v in scored.components.items()}
+        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   "zero_std_groups": zero_std_fraction(rewards), "rollout/workers": self.pool.size,
+                   **{f"reward/{k}/mean": float(v.mean()) for k, v in components.items()},
+                   **{f"reward/{k}/std": float(v.std()) for k, v in components.items()},
+                   **{f"learner/{k}": v for k, v in learn.items()},
+                   **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
+        write_step(self.run_dir, step, rollout_table(step, units, results, rewards.view(-1).numpy(), components,
+                                                      adv.view(-1).numpy()))
+        if step % cfg.logging.grid_every == 0 or step == cfg.steps:
+            n = min(cfg.logging.grid_size, len(images))
+            self.tracker.grid(step, images[:n], [f"{p} R={r:.2f}" for p, r in zip(prompts, rewards.view(-1).tolist())][:n])
+        self.timings["logging"] = time.perf_counter() - t_log
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+        metrics["time/step"] = time.perf_counter() - t0
+        self.tracker.log(step, metrics)
+        self.tracker.reward_curve()
+        return metrics
+
+    def checkpoint(self, state: DriverState) -> Path:
+        t = time.perf_counter()
+        path = save_checkpoint(self.run_dir, state.step, state.__dict__, self.learner.save, self.cfg.checkpoint.keep)
+        self.timings["checkpoint"] = time.perf_counter() - t
+        return path
+
+    # ------------------------------------------------------------------ evaluation and export
+    def export_policy(self) -> Path:
+        """The current policy as a policy directory (LoRA adapters merged): RUN/final_policy."""
+        from policy.io import Policy
+        from rl.weights import export_policy
+
+        out = self.run_dir / "final_policy"
+        export_policy(Policy.load(self.cfg.policy_path), self.learner.trainable_state(), self.cfg.learner.lora, out)
+        return out
+
+    def evaluate(self, policy_dir: str | Path, tag: str) -> dict:
+        from policy.evaluate import EvalConfig, evaluate, write_report
+        from policy.io import Policy
+
+        e = self.cfg.eval
+        ecfg = EvalConfig(sample=self.cfg.rollout.sample, prompts_per_category=e.prompts_per_category,
+                          samples_per_prompt=e.samples_per_prompt, seed=self.cfg.seed + 777)
+        result, images, labels = evaluate(Policy.load(policy_dir), ecfg, desc=f"eval {tag}")
+        write_report(result, images, labels, self.run_dir / f"eval_{tag}", ecfg.grid_size)
+        return result
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        state, ckpt = self._prepare_run_dir()
+        stop = StopFlag()
+        self._start(state, ckpt)
+        if cfg.eval.enabled and not state.eval_before:
+            state.eval_before = self.evaluate(cfg.policy_path, "before")
+            self.tracker.log(state.step, {f"eval/before/{k}": v for k, v in state.eval_before.items()})
+        bar = tqdm(total=cfg.steps, initial=state.step, desc=f"prefix-GRPO {cfg.name}", unit="step")
+        try:
+            while state.step < cfg.steps:
+                metrics = self.step(state)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", workers=self.pool.size)
+                if state.step % cfg.checkpoint.every == 0 or state.step == cfg.steps or stop.stop:
+                    self.checkpoint(state)
+                if stop.stop:
+                    print(f"stopping on signal after step {state.step} (checkpoint written)", flush=True)
+                    return {"stopped_at": state.step}
+            summary = {"steps": state.step, "eval_before": state.eval_before, "final_policy": str(self.export_policy())}
+            if cfg.eval.enabled:
+                summary["eval_after"] = self.evaluate(summary["final_policy"], "after")
+                self.tracker.log(state.step, {f"eval/after/{k}": v for k, v in summary["eval_after"].items()})
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            return summary
+        finally:
+            bar.close()
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for name in ("pool", "learner"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.shutdown()
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
+        if getattr(self, "control", None) is not None:
+            ray.kill(self.control)
+        try:
+            from ray import serve
+
+            serve.delete(self.cfg.rewards.service.name)
+        except Exception:  # the service may not have started
+            pass

@@ -1,0 +1,61 @@
+"""The rollout record: one Parquet file per step under RUN/rollouts/ (a Parquet dataset), written atomically.
+
+Columns: step, uid, prompt, metadata (JSON), seed, sample, version, codes (flat list of all scales' codes),
+reward, reward/<component>..., advantage, image_png (PNG bytes).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from policy.images import png_bytes
+from rollout.units import UnitResult, WorkUnit, sample_seeds
+
+
+def rollout_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rewards: np.ndarray,
+                  components: dict[str, np.ndarray], advantages: np.ndarray) -> pa.Table:
+    """rewards, components[name], advantages: (P * G,) in unit order, G samples per unit."""
+    rows: dict[str, list] = {k: [] for k in ("step", "uid", "prompt", "metadata", "seed", "sample", "version",
+                                             "codes", "image_png")}
+    for unit in units:
+        res = results[unit.uid]
+        for j, seed in enumerate(sample_seeds(unit.seed, unit.group_size)):
+            rows["step"].append(step)
+            rows["uid"].append(unit.uid)
+            rows["prompt"].append(unit.prompt)
+            rows["metadata"].append(json.dumps(unit.metadata, sort_keys=True))
+            rows["seed"].append(seed)
+            rows["sample"].append(j)
+            rows["version"].append(res.version)
+            rows["codes"].append(np.concatenate([c[j].ravel() for c in res.codes]).astype(np.int32))
+            rows["image_png"].append(png_bytes(res.images[j]))
+    cols = {k: v for k, v in rows.items() if k not in ("codes", "image_png")}
+    cols["codes"] = pa.array(rows["codes"], type=pa.list_(pa.int32()))
+    cols["reward"] = pa.array(rewards, type=pa.float64())
+    for name, vals in components.items():
+        cols[f"reward/{name}"] = pa.array(vals, type=pa.float64())
+    cols["advantage"] = pa.array(advantages, type=pa.float64())
+    cols["image_png"] = pa.array(rows["image_png"], type=pa.binary())
+    cols["seed"] = pa.array(rows["seed"], type=pa.uint64())
+    return pa.table(cols)
+
+
+def write_step(run_dir: str | Path, step: int, table: pa.Table) -> Path:
+    out = Path(run_dir) / "rollouts"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{step:06d}.parquet"
+    tmp = out / f".{path.name}.tmp"  # dot files are not part of the dataset
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_rollouts(run_dir: str | Path) -> pa.Table:
+    return pq.read_table(Path(run_dir) / "rollouts")

@@ -1,0 +1,154 @@
+"""The RL loop on a local Ray with real actors, Serve and DeepSpeed: one step, resume, elastic workers, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from policy.config import ConfigError, load_config
+from rl.config import RunConfig
+from rl.control import NAMESPACE, control_name
+from rl.driver import Driver
+from tests.conftest import run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+def final_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final_policy" / "transformer" / "model.safetensors")
+
+
+def rewards_per_step(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["reward/mean"] for r in rows if "reward/mean" in r]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_run(local_ray, rl_assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = RunConfig(**run_config(rl_assets, tmp, "ref"))
+    Driver(cfg).run()
+    return cfg.run_dir
+
+
+def test_one_step_layout_and_first_pass_ratio(reference_run):
+    rows = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["learner/ratio_first_pass_max_abs_dev"] <= 1e-4
+    assert all(np.isfinite(r["learner/loss"]) for r in rows)
+    table = pq.read_table(reference_run / "rollouts")
+    assert table.num_rows == 3 * 3 * 4 and {"reward/verifier", "reward/clip_score", "advantage", "image_png"} <= set(
+        table.column_names)
+    assert sorted(set(table["version"].to_pylist())) == [0, 1, 2]
+    assert (reference_run / "reward_curve.png").exists() and (reference_run / "samples" / "step_000002.png").exists()
+    assert (reference_run / "config.yaml").exists() and len(list((reference_run / "checkpoints").glob("step_*"))) == 2
+    assert list((reference_run / "wandb").glob("offline-run-*"))
+    w0 = load_file(Path(RunConfig.model_validate(yaml.safe_load((reference_run / "config.yaml").read_text())).policy_path)
+                   / "transformer" / "model.safetensors")
+    assert not same_weights(w0, final_weights(reference_run))
+
+
+def test_two_rank_zero2_learner(local_ray, rl_assets, tmp_path):
+    cfg = RunConfig(**run_config(rl_assets, tmp_path, "zero2", steps=1, **{
+        "learner.num_ranks": 2, "learner.deepspeed": {"zero_optimization": {"stage": 2}}}))
+    Driver(cfg).run()
+    row = json.loads((cfg.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["learner/ratio_first_pass_max_abs_dev"] <= 1e-4
+
+
+def test_elastic_resize_and_killed_worker_give_the_same_weights(reference_run, local_ray, rl_assets, tmp_path):
+    # 1 -> 2 -> 1 workers while the run goes on, through the run's named control actor
+    cfg = RunConfig(**run_config(rl_assets, tmp_path, "elastic", **{"rollout.workers": 1}))
+    driver = Driver(cfg)
+    sizes = []
+
+    def resize():
+        while not hasattr(driver, "pool"):
+            time.sleep(0.05)
+        control = ray.get_actor(control_name("elastic"), namespace=NAMESPACE)
+        ray.get(control.set_rollout_workers.remote(2))
+        while driver.pool.size < 2:
+            time.sleep(0.05)
+        sizes.append(driver.pool.size)
+        ray.get(control.set_rollout_workers.remote(1))
+
+    t = threading.Thread(target=resize)
+    t.start()
+    driver.run()
+    t.join()
+    assert sizes == [2] and driver.pool.stats["workers_added"] >= 2 and driver.pool.stats["workers_removed"] >= 1
+    assert same_weights(final_weights(reference_run), final_weights(cfg.run_dir))
+    assert rewards_per_step(reference_run) == rewards_per_step(cfg.run_dir)
+
+    # a worker SIGKILLed while it samples: its unit is re-run elsewhere, never duplicated
+    cfg = RunConfig(**run_config(rl_assets, tmp_path, "killed"))
+    driver = Driver(cfg)
+    killed = []
+
+    def kill_one():
+        while not hasattr(driver, "pool") or driver.pool.stats["units"] < 4:
+            time.sleep(0.01)
+        handle = next(iter(driver.pool.workers.values()))
+        pid = ray.get(handle.pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    t = threading.Thread(target=kill_one)
+    t.start()
+    driver.run()
+    t.join()
+    assert killed and driver.pool.stats["workers_lost"] >= 1
+    assert driver.pool.stats["units"] == 3 * 3
+    assert same_weights(final_weights(reference_run), final_weights(cfg.run_dir))
+    assert rewards_per_step(reference_run) == rewards_per_step(cfg.run_dir)
+
+
+def test_resume_after_sigkill_of_the_driver(reference_run, rl_assets, tmp_path):
+    cfg = run_config(rl_assets, tmp_path, "resumed")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "rl", "train", str(tmp_path / "cfg.yaml")]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    ckpts = Path(cfg["runs_dir"]) / "resumed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "step_000001" / "driver_state.json").exists():
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(cmd + ["resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    run_dir = Path(cfg["runs_dir"]) / "resumed"
+    assert same_weights(final_weights(reference_run), final_weights(run_dir))
+    assert rewards_per_step(reference_run) == rewards_per_step(run_dir)
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rl", "train", "configs/shapes-tiny.yaml", "group_size=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "group_size" in proc.stderr
+
+
+def test_config_validation_catches_cross_field_errors(rl_assets, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(run_config(rl_assets, tmp_path, "v")))
+    with pytest.raises(ConfigError, match="m: 9 is more than the policy's 6 scales"):
+        load_config(RunConfig, path, ["m=9"])
+    with pytest.raises(ConfigError, match="learner.num_ranks"):
+        load_config(RunConfig, path, ["learner.num_ranks=5"])
+    with pytest.raises(ConfigError, match="policy_path"):
+        load_config(RunConfig, path, ["policy_path=/nonexistent"])
