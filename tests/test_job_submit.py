@@ -86,7 +86,7 @@ def test_stage_runs_through_ray_job_submit(head, tmp_path):
     env, address, _ = head
     cfg = {"name": "job-tok", "storage": str(tmp_path / "runs"), "steps": 2, "batch_size": 4, "log_every": 1,
            "checkpoint_every": 2, "num_workers": 1,
-           "vq": {"schedule": [[1, 1], [2, 2], [4, 4]], "image_size": 32, "channels": [8, 8, 8], "code_dim": 8,
+           "vq": {"schedule": [[1, 1], [2, 2], [4, 4], [8, 8]], "image_size": 64, "channels": [8, 8, 8], "code_dim": 8,
                   "num_codes": 16}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     proc = submit(env, address, "-m", "policy.stages.tokenizer", str(tmp_path / "cfg.yaml"))

@@ -224,11 +224,11 @@ def test_score_many_merges_requests_and_splits_in_order():
 @pytest.mark.parametrize("where, value, message", [
     (("rewards", 0, "weight"), "abc", r"^rewards.0.weight: Input should be a valid number"),
     (("rewards", 0, "bogus"), 1, r"^rewards.0.bogus: Extra inputs are not permitted"),
-    (("rewards", 0, "label"), "x/y", r"^rewards.0: Value error, label 'x/y': must not contain '/'"),
-    (("rewards", 1, "label"), "verifier", r"^rewards: Value error, labels \['verifier'\] appear more than once"),
-    (("service", "max_ongoing_requests"), 4, r"^service.max_ongoing_requests: Value error, must be >= max_batch"),
+    (("rewards", 0, "label"), "x/y", r"^rewards.0: label 'x/y': must not contain '/'"),
+    (("rewards", 1, "label"), "verifier", r"^rewards: labels \['verifier'\] appear more than once"),
+    (("service", "max_ongoing_requests"), 4, r"^service.max_ongoing_requests: must be >= max_batch"),
     (("service", "port"), 0, r"^service.port: Input should be greater than or equal to 1"),
-    (("service", "route_prefix"), "rewards", r"^service.route_prefix: Value error, must start with '/'"),
+    (("service", "route_prefix"), "rewards", r"^service.route_prefix: must start with '/'"),
 ])
 def test_config_errors_name_the_field(tmp_path, where, value, message):
     data = {"rewards": [{"name": "verifier"}, {"name": "clip_score"}], "service": {"max_batch_size": 8}}
