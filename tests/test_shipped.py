@@ -31,3 +31,15 @@ def test_shipped_clip_loads_in_open_clip():
     with torch.no_grad():
         text = model.encode_text(tok(["a red circle", "a blue square"]))
     assert text.shape[0] == 2 and torch.isfinite(text).all()
+
+
+def test_rl_eval_command_scores_per_category(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "rl", "eval", str(SHIPPED / "policy"), "prompts_per_category=2",
+                           f"out_dir={tmp_path}"], cwd=SHIPPED.parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert {"overall", "partial", "object", "colour", "count", "two-object", "position"} <= set(scores)
+    assert (tmp_path / "samples.png").exists() and "held-out verifier score" in proc.stdout
