@@ -62,8 +62,9 @@ def format_validation_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     field = ".".join(str(p) for p in first["loc"])
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    # a cross-field check raised by a model validator already names its field
-    return f"{field}: {msg}{more}" if field else f"{msg}{more}"
+    if not field and msg != first["msg"]:  # a cross-field check of a model validator names its field itself
+        return f"{msg}{more}"
+    return f"{field or 'config'}: {msg}{more}"
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = (), context: dict | None = None) -> T:
