@@ -34,12 +34,14 @@ def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
 
 def prompts_at(items: list, seed: int, cursor: int, n: int) -> list:
     """Items cursor .. cursor+n of the stream: each epoch is a fresh seeded permutation of `items`."""
+    orders: dict[int, list[int]] = {}
     out = []
     for pos in range(cursor, cursor + n):
         epoch, i = divmod(pos, len(items))
-        order = list(range(len(items)))
-        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
-        out.append(items[order[i]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(items)))
+            random.Random(f"{seed}/epoch{epoch}").shuffle(orders[epoch])
+        out.append(items[orders[epoch][i]])
     return out
 
 
