@@ -4,20 +4,16 @@
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from tqdm import tqdm
 
 from policy.config import ConfigError, load_config
-from policy.images import save_grid, to_uint8
+from policy.evaluate import EvalConfig, evaluate, write_report
 from policy.io import PolicyConfig, build_policy
-from policy.sampler import SampleConfig, sample
-from policy.shapes import caption, split_prompts
-from rewards.verifier import score
+from policy.sampler import SampleConfig
+from policy.shapes import CATEGORIES
 
 
 class DemoConfig(BaseModel):
@@ -40,25 +36,11 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(cfg.seed)
-    policy = build_policy(cfg.policy)
-    specs = split_prompts().heldout[: cfg.num_images]
-    prompts = [caption(s) for s in specs]
-    images, checks = [], []
-    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="sampling", unit="batch"):
-        chunk = prompts[i : i + cfg.batch_size]
-        seeds = [cfg.seed * 100_003 + i + j for j in range(len(chunk))]
-        out = sample(policy.model, policy.vq, policy.encode_prompts(chunk), seeds, cfg.sample)
-        images.append(to_uint8(out.images))
-    import numpy as np
-
-    images = np.concatenate(images)
-    checks = [score(img, spec) for img, spec in zip(images, specs)]
-    out_dir = Path(cfg.out_dir)
-    grid = save_grid(images, [f"{p} [{'ok' if c['all'] else 'x'}]" for p, c in zip(prompts, checks)],
-                     out_dir / "samples.png")
-    strict = sum(c["all"] for c in checks) / len(checks)
-    (out_dir / "scores.json").write_text(json.dumps({"strict": strict, "checks": checks}, indent=1))
-    print(f"wrote {grid} ({len(images)} images); held-out strict verifier score {strict:.3f}")
+    ecfg = EvalConfig(sample=cfg.sample, prompts_per_category=max(1, cfg.num_images // len(CATEGORIES)),
+                      batch_size=cfg.batch_size, seed=cfg.seed, grid_size=cfg.num_images)
+    result, images, labels = evaluate(build_policy(cfg.policy), ecfg, desc="sampling")
+    grid = write_report(result, images, labels, cfg.out_dir, ecfg.grid_size)
+    print(f"wrote {grid} ({len(images)} images); held-out strict verifier score {result['overall']:.3f}")
     return 0
 
 

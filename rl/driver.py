@@ -159,7 +159,8 @@ class Driver:
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
         metrics["time/step"] = time.perf_counter() - t0
         self.tracker.log(step, metrics)
-        self.tracker.reward_curve()
+        if step % cfg.logging.grid_every == 0 or step == cfg.steps:
+            self.tracker.reward_curve()
         return metrics
 
     def checkpoint(self, state: DriverState) -> Path:
