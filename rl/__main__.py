@@ -23,13 +23,16 @@ def cmd_train(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from rl.driver import Driver
+    from rl.driver import Driver, RunFailed
 
     try:
         summary = Driver(cfg).run()
     except ValueError as e:  # run-level input errors found at start-up (existing run, bad prompts, ...)
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # a fault the run cannot ride out; everything up to the last checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if "eval_after" in summary:
         from policy.evaluate import format_scores
 

@@ -21,21 +21,42 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that no crash midway can leave a loadable-looking half: rename, then delete."""
+    trash = path.with_name(f".trash-{path.name}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, write_learner: Callable[[Path], None], keep: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_learner(tmp / "learner")
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    _fsync_tree(tmp)
+    for leftover in root.glob(".t*-step_*"):  # temporaries and trash of a process killed while writing
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_learner(tmp / "learner")
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
+    _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 

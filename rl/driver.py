@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from rewards.client import RewardServiceError
 from rl.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from rl.config import RunConfig
 from rl.control import NAMESPACE, RunControl, control_name
 from rl.grpo import group_advantages, zero_std_fraction
+from rl.learner import LearnerDied
 from rl.prompts import load_prompts, prompts_at
 from rl.tracking import Tracker
 from rollout.pool import RolloutPool
@@ -38,6 +41,35 @@ class DriverState:
     version: int = 0       # weight version held by the workers (= step)
     run_id: str | None = None
     eval_before: dict = field(default_factory=dict)
+
+
+class RunFailed(RuntimeError):
+    """The run stopped on a fault it cannot ride out (a dead learner rank, a full or read-only run directory).
+    One line: what failed, and from which checkpoint `resume=true` continues. Nothing already written is damaged."""
+
+
+def write_problem(path: Path) -> str | None:
+    """Why `path` (or its nearest existing parent) cannot take writes, if it visibly cannot."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not os.access(path, os.W_OK):
+        return "read-only or not writable"
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    return f"no space left on device ({free} bytes free)" if free < (1 << 20) else None
+
+
+def resume_hint(run_dir: Path) -> str:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return "no checkpoint yet: rerun with resume=true to start again"
+    return f"rerun with resume=true to continue from checkpoint step {int(ckpt.name.split('_')[1])}"
+
+
+def last_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
 
 
 class StopFlag:
@@ -75,16 +107,35 @@ class Driver:
         self.run_dir = cfg.run_dir
         self.timings: dict[str, float] = {}
 
+    # ------------------------------------------------------------------ writes
+    @contextmanager
+    def _writing(self, what: str):
+        """Any failure while writing into the run directory -> RunFailed naming what, where, and the cause."""
+        try:
+            yield
+        except (LearnerDied, RunFailed):
+            raise
+        except Exception as e:
+            problem = write_problem(self.run_dir) or last_line(e)
+            raise RunFailed(f"run directory {self.run_dir}: could not write {what} ({problem}); "
+                            f"{resume_hint(self.run_dir)}") from e
+
     # ------------------------------------------------------------------ set-up
     def _prepare_run_dir(self) -> tuple[DriverState, Path | None]:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None and not self.cfg.resume:
             raise ValueError(f"name: run {self.cfg.name} already has checkpoints in {self.run_dir}; "
                              "pass resume=true to continue it or choose another name")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / ".config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-        os.replace(tmp, self.run_dir / "config.yaml")
+        problem = write_problem(self.run_dir)
+        if problem:
+            raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({problem})")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir / ".config.yaml.tmp"
+            tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            os.replace(tmp, self.run_dir / "config.yaml")
+        except OSError as e:
+            raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({e.strerror})") from None
         if ckpt is None:
             return DriverState(), None
         return DriverState(**load_state(ckpt)), ckpt
@@ -115,8 +166,9 @@ class Driver:
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
         if state.version > 0:
             self.pool.broadcast(*self.learner.publish())
-        self.tracker = Tracker(self.run_dir, cfg.name, cfg.logging.project, cfg.logging.wandb, state.run_id,
-                               cfg.model_dump(mode="json"), resume_step=state.step)
+        with self._writing("metrics.jsonl"):
+            self.tracker = Tracker(self.run_dir, cfg.name, cfg.logging.project, cfg.logging.wandb, state.run_id,
+                                   cfg.model_dump(mode="json"), resume_step=state.step)
         state.run_id = self.tracker.run_id
 
     # ------------------------------------------------------------------ one step
@@ -150,22 +202,26 @@ class Driver:
                    **{f"reward/{k}/std": float(v.std()) for k, v in components.items()},
                    **{f"learner/{k}": v for k, v in learn.items()},
                    **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
-        write_step(self.run_dir, step, rollout_table(step, units, results, rewards.view(-1).numpy(), components,
-                                                      adv.view(-1).numpy()))
-        if step % cfg.logging.grid_every == 0 or step == cfg.steps:
-            n = min(cfg.logging.grid_size, len(images))
-            self.tracker.grid(step, images[:n], [f"{p} R={r:.2f}" for p, r in zip(prompts, rewards.view(-1).tolist())][:n])
-        self.timings["logging"] = time.perf_counter() - t_log
-        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
-        metrics["time/step"] = time.perf_counter() - t0
-        self.tracker.log(step, metrics)
-        if step % cfg.logging.grid_every == 0 or step == cfg.steps:
-            self.tracker.reward_curve()
+        with self._writing(f"the records of step {step}"):
+            write_step(self.run_dir, step, rollout_table(step, units, results, rewards.view(-1).numpy(),
+                                                          components, adv.view(-1).numpy()))
+            if step % cfg.logging.grid_every == 0 or step == cfg.steps:
+                n = min(cfg.logging.grid_size, len(images))
+                captions = [f"{p} R={r:.2f}" for p, r in zip(prompts, rewards.view(-1).tolist())]
+                self.tracker.grid(step, images[:n], captions[:n])
+            self.timings["logging"] = time.perf_counter() - t_log
+            metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+            metrics["time/step"] = time.perf_counter() - t0
+            self.tracker.log(step, metrics)
+            if step % cfg.logging.grid_every == 0 or step == cfg.steps:
+                self.tracker.reward_curve()
         return metrics
 
     def checkpoint(self, state: DriverState) -> Path:
         t = time.perf_counter()
-        path = save_checkpoint(self.run_dir, state.step, state.__dict__, self.learner.save, self.cfg.checkpoint.keep)
+        with self._writing(f"checkpoint step {state.step}"):
+            path = save_checkpoint(self.run_dir, state.step, state.__dict__, self.learner.save,
+                                   self.cfg.checkpoint.keep)
         self.timings["checkpoint"] = time.perf_counter() - t
         return path
 
@@ -192,41 +248,53 @@ class Driver:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        cfg = self.cfg
         state, ckpt = self._prepare_run_dir()
         stop = StopFlag()
-        self._start(state, ckpt)
-        if cfg.eval.enabled and not state.eval_before:
-            state.eval_before = self.evaluate(cfg.policy_path, "before")
-            self.tracker.log(state.step, {f"eval/before/{k}": v for k, v in state.eval_before.items()})
-        bar = tqdm(total=cfg.steps, initial=state.step, desc=f"prefix-GRPO {cfg.name}", unit="step")
+        bar = None
         try:
-            while state.step < cfg.steps:
-                metrics = self.step(state)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", workers=self.pool.size)
-                if state.step % cfg.checkpoint.every == 0 or state.step == cfg.steps or stop.stop:
-                    self.checkpoint(state)
-                if stop.stop:
-                    print(f"stopping on signal after step {state.step} (checkpoint written)", flush=True)
-                    return {"stopped_at": state.step}
-            summary = {"steps": state.step, "eval_before": state.eval_before, "final_policy": str(self.export_policy())}
-            if cfg.eval.enabled:
-                summary["eval_after"] = self.evaluate(summary["final_policy"], "after")
-                self.tracker.log(state.step, {f"eval/after/{k}": v for k, v in summary["eval_after"].items()})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            return summary
+            self._start(state, ckpt)
+            if self.cfg.eval.enabled and not state.eval_before:
+                state.eval_before = self.evaluate(self.cfg.policy_path, "before")
+                with self._writing("metrics.jsonl"):
+                    self.tracker.log(state.step, {f"eval/before/{k}": v for k, v in state.eval_before.items()})
+            bar = tqdm(total=self.cfg.steps, initial=state.step, desc=f"prefix-GRPO {self.cfg.name}", unit="step")
+            return self._loop(state, stop, bar)
+        except (LearnerDied, RewardServiceError) as e:
+            raise RunFailed(f"{e} at step {state.step + 1}; the run stopped; {resume_hint(self.run_dir)}") from None
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.shutdown()
 
+    def _loop(self, state: DriverState, stop: StopFlag, bar: tqdm) -> dict:
+        cfg = self.cfg
+        while state.step < cfg.steps:
+            metrics = self.step(state)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", workers=self.pool.size)
+            if state.step % cfg.checkpoint.every == 0 or state.step == cfg.steps or stop.stop:
+                self.checkpoint(state)
+            if stop.stop:
+                print(f"stopping on signal after step {state.step} (checkpoint written)", flush=True)
+                return {"stopped_at": state.step}
+        with self._writing("final_policy"):
+            summary = {"steps": state.step, "eval_before": state.eval_before, "final_policy": str(self.export_policy())}
+        if cfg.eval.enabled:
+            with self._writing("eval_after"):
+                summary["eval_after"] = self.evaluate(summary["final_policy"], "after")
+                self.tracker.log(state.step, {f"eval/after/{k}": v for k, v in summary["eval_after"].items()})
+        with self._writing("summary.json"):
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
     def shutdown(self) -> None:
-        for name in ("pool", "learner"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.shutdown()
-        if getattr(self, "tracker", None) is not None:
-            self.tracker.close()
+        """Release actors, the service and files; each part on its own, so one failure does not hide the cause."""
+        parts = [getattr(self, "pool", None), getattr(self, "learner", None), getattr(self, "tracker", None)]
+        for close in [p.shutdown if hasattr(p, "shutdown") else p.close for p in parts if p is not None]:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - a full disk can also fail the last flush; the cause is raised above
+                print(f"warning: shutdown: {last_line(e)}", flush=True)
         if getattr(self, "control", None) is not None:
             ray.kill(self.control)
         try:

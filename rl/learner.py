@@ -386,6 +386,25 @@ class LearnerActor:
 
 
 # ------------------------------------------------------------------------------------------------ the group
+class LearnerDied(RuntimeError):
+    """A learner rank's process died (SIGKILL, OOM, node loss): the group cannot go on; resume from a checkpoint."""
+
+
+def gather(refs: list, what: str) -> list:
+    """ray.get of one call per rank, failing as soon as any rank dies (the others may be stuck in a collective)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            rank = refs.index(done[0])
+            raise LearnerDied(f"learner rank {rank} died during {what} ({type(e).__name__})") from None
+    return ray.get(refs)
+
+
 class LearnerGroup:
     """Driver side: a placement group of num_ranks bundles, one LearnerActor per bundle, one process group."""
 
@@ -419,7 +438,7 @@ class LearnerGroup:
             raise
 
     def _all(self, method: str, *args) -> list:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return gather([getattr(a, method).remote(*args) for a in self.actors], method)
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One learner step (`passes` optimiser steps) on B rows; metrics averaged over ranks and micro-batches."""
@@ -430,7 +449,7 @@ class LearnerGroup:
                              f"got {len(batch.codes)} scales and {tuple(batch.old_logprobs.shape)}")
         batch = TrainBatch(batch.text_ids, batch.codes[: self.m], batch.old_logprobs, batch.advantages)
         shards = split_rows(batch, self.cfg.num_ranks)
-        records = ray.get([a.step.remote(s) for a, s in zip(self.actors, shards)])
+        records = gather([a.step.remote(s) for a, s in zip(self.actors, shards)], "a learner step")
         self.version += 1
         return reduce_metrics([r for rank in records for r in rank]) | {"version": self.version}
 
@@ -446,7 +465,7 @@ class LearnerGroup:
         """(version, object ref of the trainable state): the ref can go to every rollout worker as is."""
         ranks = self.actors if self.info["zero_stage"] == 3 else self.actors[:1]   # ZeRO-3: all ranks gather
         refs = [a.trainable_state.remote() for a in ranks]
-        ray.get(refs[1:])
+        gather(refs[1:], "a weight gather")
         return self.version, refs[0]
 
     def score(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool = False) -> PrefixScores:
