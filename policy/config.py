@@ -4,6 +4,7 @@ Errors are one line naming the bad field (`ConfigError`), raised before anything
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,8 +63,14 @@ def format_validation_error(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     field = ".".join(str(p) for p in first["loc"])
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    if not field and msg != first["msg"]:  # a cross-field check of a model validator names its field itself
-        return f"{msg}{more}"
+    if msg != first["msg"]:  # a cross-field check of a model validator names its field itself ...
+        if not field:
+            return f"{msg}{more}"
+        sub = re.match(r"([A-Za-z_][A-Za-z0-9_]*): ", msg)  # ... relative to the section it validates
+        if sub and first["type"] == "value_error" and not isinstance(first["loc"][-1], int):
+            if sub.group(1) == str(first["loc"][-1]):  # a field validator that repeats its field's name
+                return f"{field}: {msg[sub.end():]}{more}"
+            return f"{field}.{msg}{more}"
     return f"{field or 'config'}: {msg}{more}"
 
 
@@ -74,9 +81,13 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
         if not path.exists():
             raise ConfigError(f"config: file {path} not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config: {path} is not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"config: {path} cannot be read ({e.strerror or type(e).__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping at the top level")
     data = apply_overrides(data, list(overrides))

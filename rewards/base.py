@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -145,6 +146,23 @@ def import_path(name: str, path: str):
         return functools.reduce(getattr, attr.split("."), obj)
     except AttributeError:
         raise RewardError(name, f"module {module!r} has no attribute {attr!r}") from None
+
+
+def check_name(name: str) -> None:
+    """Raise ValueError unless `name` can name a reward: registry, entry point, or 'package.module:attr'.
+
+    Nothing is imported (config-time check; `resolve` does the loading).
+    """
+    if name in REGISTRY or entry_points(group=ENTRY_POINT_GROUP, name=name):
+        return
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        ident = r"[A-Za-z_][A-Za-z0-9_]*"
+        if not re.fullmatch(rf"{ident}(\.{ident})*", module) or not re.fullmatch(rf"{ident}(\.{ident})*", attr):
+            raise ValueError(f"import path {name!r} is not of the form 'package.module:attr'")
+        return
+    raise ValueError(f"unknown reward {name!r}: not a built-in ({', '.join(sorted(REGISTRY))}), not an entry point "
+                     f"in group {ENTRY_POINT_GROUP!r}, not an import path 'package.module:attr'")
 
 
 def resolve(name: str):

@@ -10,6 +10,7 @@ Load with `policy.config.load_config(RewardsConfig, path, overrides)`: a bad fie
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -18,10 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 class RewardEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1)  # built-in / registry name, entry point (nextscale.rewards), or "pkg.mod:attr"
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)  # negative: a penalty; at least one weight must be > 0
     kwargs: dict[str, Any] = {}      # constructor arguments (class) or bound keyword arguments (function)
     label: str | None = None         # how its components are reported; default: the name (an import path's attr)
     timeout_s: float | None = Field(60.0, gt=0)  # one call on one batch; None waits forever
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        """Checked without importing anything: a registry name, an installed entry point, or 'pkg.mod:attr'."""
+        from rewards.base import check_name
+
+        check_name(v)
+        return v
 
     @model_validator(mode="after")
     def _default_label(self) -> "RewardEntry":
@@ -82,4 +92,8 @@ class RewardsConfig(BaseModel):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"labels {dup} appear more than once; give each entry its own label")
+        ws = [e.weight for e in v]
+        if not any(w > 0 for w in ws) or not math.isfinite(sum(ws)):
+            raise ValueError(f"weights {ws}: the weighted sum needs at least one positive weight "
+                             "(negative weights are penalties)")
         return v

@@ -106,8 +106,12 @@ class RunConfig(_Strict):
         num_scales = len(json.loads(cfg_file.read_text())["schedule"])
         if self.m > num_scales:
             raise ValueError(f"m: {self.m} is more than the policy's {num_scales} scales")
-        if self.prompts.path and not Path(self.prompts.path).is_file():
-            raise ValueError(f"prompts.path: {self.prompts.path} not found")
+        if self.prompts.path:
+            if not Path(self.prompts.path).is_file():
+                raise ValueError(f"prompts.path: {self.prompts.path} not found")
+            from rl.prompts import load_prompts  # read it now: a bad prompt file stops the run before anything starts
+
+            load_prompts(self.prompts)
         return self
 
     @property
