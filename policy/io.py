@@ -1,12 +1,14 @@
 """Weight I/O: strict safetensors loading with clear errors (never a half-loaded model)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -15,6 +17,28 @@ from policy.scales import validate_schedule
 if TYPE_CHECKING:
     from policy.tokenizer import MultiScaleVQ
     from policy.transformer import NextScaleLM
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_json_config(file: str | Path, cls: type[M]) -> M:
+    """A model's `config.json` -> cls; a missing, non-JSON or invalid file is one line naming the file."""
+    from policy.config import format_validation_error
+
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: config file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a readable JSON config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"{file}: {format_validation_error(e)}") from None
 
 
 def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[str] = frozenset()) -> None:
@@ -37,6 +61,8 @@ def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[st
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{file}: tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+        if (v.dtype.is_floating_point, v.dtype == torch.bool) != (own[k].dtype.is_floating_point, own[k].dtype == torch.bool):
+            raise ValueError(f"{file}: tensor {k} has dtype {v.dtype}, model expects {own[k].dtype}")
     model.load_state_dict(state, strict=False)
 
 
@@ -81,8 +107,14 @@ class Policy:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"policy.path: {path} is not a policy directory")
-        return cls(NextScaleLM.from_pretrained(path / "transformer"), MultiScaleVQ.from_pretrained(path / "vq"),
-                   load_text_tokenizer(path / "text_tokenizer"))
+        model, vq = NextScaleLM.from_pretrained(path / "transformer"), MultiScaleVQ.from_pretrained(path / "vq")
+        try:
+            tokenizer = load_text_tokenizer(path / "text_tokenizer")
+        except Exception as e:  # transformers raises many types (OSError, ValueError, Exception from tokenizers)
+            cause = (str(e).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"{path / 'text_tokenizer'}: not a readable tokenizer ({type(e).__name__}: {cause})") \
+                from None
+        return cls(model, vq, tokenizer)
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         from policy.text_tokenizer import encode_prompts

@@ -14,7 +14,6 @@ frozen vision encoder's patch features during tokenizer training. sem_dim = 0 gi
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,10 +266,10 @@ class MultiScaleVQ(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MultiScaleVQ":
+        from policy.io import load_state_strict, read_json_config
+
         path = Path(path)
-        cfg = VQConfig(**json.loads((path / "config.json").read_text()))
-        model = cls(cfg)
-        from policy.io import load_state_strict
+        model = cls(read_json_config(path / "config.json", VQConfig))
 
         load_state_strict(model, path / "model.safetensors")
         return model.eval()

@@ -8,7 +8,6 @@ hidden size, plus a learnable scale embedding. Attention is block-causal and pos
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -148,10 +147,10 @@ class NextScaleLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "NextScaleLM":
-        from policy.io import load_state_strict
+        from policy.io import load_state_strict, read_json_config
 
         path = Path(path)
-        model = cls(NextScaleConfig(**json.loads((path / "config.json").read_text())))
+        model = cls(read_json_config(path / "config.json", NextScaleConfig))
         ignore = {"lm_head.weight"} if model.cfg.backbone.tie_word_embeddings else set()
         load_state_strict(model, path / "model.safetensors", ignore_missing=ignore)
         return model.eval()
