@@ -1,0 +1,72 @@
+"""The pure parts of benchmarks/: FLOP counts against torch's FlopCounterMode, and the statistics helpers."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DynamicCache
+
+from policy.sampler import SampleConfig, sample
+from policy.sequence import attention_mask, left_pad, position_ids
+from tests.conftest import PROMPTS, SCHED, tiny_model, tiny_vq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from common import forward_flops, interleaved, md_table, ratio, sampler_flops, stats  # noqa: E402
+
+
+def counted(fn) -> int:
+    """FLOPs torch counts; SDPA on the math backend (the CPU flash kernel is invisible to FlopCounterMode)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def inputs(model, k):
+    ids, tmask = left_pad(PROMPTS, 0)
+    n_img = sum(h * w for h, w in SCHED[1:k])
+    embeds = torch.randn(len(PROMPTS), ids.shape[1] + 1 + n_img, model.cfg.backbone.hidden_size)
+    return embeds, attention_mask(tmask, SCHED, k), position_ids(tmask, SCHED, k), ids.shape[1]
+
+
+@torch.no_grad()
+def test_forward_flops_matches_flop_counter():
+    model = tiny_model()
+    embeds, mask, pos, t = inputs(model, len(SCHED))
+    b, length = embeds.shape[:2]
+    # the whole sequence at once, head on every position
+    got = counted(lambda: model.image_logits(model(embeds, mask, pos)))
+    assert got == pytest.approx(b * forward_flops(model.cfg, length, length), rel=0.01)
+    # with a KV cache: a prefix, then a block of 36 new tokens attending to everything before
+    cache = DynamicCache(config=model.text_config)
+    model(embeds[:, :-36], mask[..., :-36, :-36], pos[..., :-36], cache)
+    got = counted(lambda: model.image_logits(model(embeds[:, -36:], mask[..., -36:, :], pos[..., -36:], cache)))
+    assert got == pytest.approx(b * forward_flops(model.cfg, 36, length), rel=0.01)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampler_flops_matches_flop_counter(use_cache):
+    model, vq = tiny_model(), tiny_vq()
+    text = [[3, 4, 5, 6]] * 2                                     # equal lengths: no padding
+    got = counted(lambda: sample(model, vq, text, [0, 1], SampleConfig(cfg_scale=2.0), use_cache=use_cache,
+                                 decode=False))
+    assert got == pytest.approx(sampler_flops(model.cfg, 4, rows=4, use_cache=use_cache), rel=0.02)
+
+
+def test_stats_and_ratio_hand_worked():
+    s = stats([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert s["q1"] == 1.75 and s["q3"] == 4.75
+    r = ratio([4.0, 6.0, 8.0], [2.0, 2.0, 2.0])
+    assert r == {"median": 3.0, "min": 2.0, "max": 4.0}
+
+
+def test_interleaved_order_and_counts():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and [len(v) for v in times.values()] == [3, 3]
+
+
+def test_md_table():
+    assert md_table(["x", "y"], [[1, "z"]]) == "| x | y |\n|---|---|\n| 1 | z |\n"
