@@ -1,6 +1,8 @@
 """The run's named control actor: how a live run is reached from outside (`python -m rl scale RUN ...`)."""
 from __future__ import annotations
 
+import time
+
 import ray
 
 NAMESPACE = "nextscale"
@@ -23,6 +25,20 @@ class RunControl:
 
     def rollout_workers(self) -> int:
         return self.workers
+
+
+def start_control(run: str, workers: int, min_workers: int, max_workers: int, wait_s: float = 30.0):
+    """Create the run's control actor. A name still held by the actor of a driver that just died (Ray frees it
+    once it notices) is waited for; one that stays taken means another live driver runs this run."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return RunControl.options(name=control_name(run), namespace=NAMESPACE).remote(
+                workers, min_workers, max_workers)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise ValueError(f"name: run {run!r} already has a live driver on this cluster") from None
+            time.sleep(0.5)
 
 
 def scale(run: str, workers: int, address: str = "auto") -> int:

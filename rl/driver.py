@@ -23,11 +23,12 @@ from tqdm import tqdm
 from rewards.client import RewardServiceError
 from rl.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from rl.config import RunConfig
-from rl.control import NAMESPACE, RunControl, control_name
+from rl.control import NAMESPACE, start_control
 from rl.grpo import group_advantages, zero_std_fraction
 from rl.learner import LearnerDied
 from rl.prompts import load_prompts, prompts_at
 from rl.tracking import Tracker
+from rl.weights import check_learner_checkpoint
 from rollout.pool import RolloutPool
 from rollout.record import rollout_table, write_step
 from rollout.units import UnitResult, WorkUnit, unit_seed
@@ -138,6 +139,7 @@ class Driver:
             raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({e.strerror})") from None
         if ckpt is None:
             return DriverState(), None
+        check_learner_checkpoint(ckpt / "learner")  # a damaged checkpoint is one line before anything starts
         return DriverState(**load_state(ckpt)), ckpt
 
     def _start(self, state: DriverState, ckpt: Path | None) -> None:
@@ -149,13 +151,12 @@ class Driver:
         cfg = self.cfg
         if not ray.is_initialized():
             ray.init(namespace=NAMESPACE, logging_level="WARNING")
-        self.control = RunControl.options(name=control_name(cfg.name), namespace=NAMESPACE).remote(
-            cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
+        self.control = start_control(cfg.name, cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
         self.rewards = RewardClient(start_service(cfg.rewards), cfg.rewards)
         learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})
         self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg)
         if ckpt is not None:
-            self.learner.load(ckpt / "learner")
+            self.learner.load(ckpt / "learner")  # checked in _prepare_run_dir
         self.tokenizer = Policy.load(cfg.policy_path).tokenizer
         self.items = load_prompts(cfg.prompts)
         r = cfg.rollout

@@ -259,6 +259,9 @@ class LearnerActor:
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def setup(self, master_addr: str, master_port: int) -> dict:
         import deepspeed
 

@@ -1,0 +1,304 @@
+"""Faults on a local Ray with real processes; every run ends with its weights compared against a fault-free run.
+
+- SIGKILL of a rollout worker while it samples, of the reward replica while it scores a batch, of the learner rank
+  during a step (the run stops with one line and resumes from its last checkpoint);
+- SIGKILL of the driver process at random points (3 seeds; RELIABILITY_LONG=1: 10) and `resume=true`;
+- SIGKILL of a process between the files of a checkpoint: the previous checkpoint still loads, no partial one counts;
+- a full run directory mid-run and a read-only one at start: a clear error, nothing written before is damaged.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rl.checkpoint import latest_checkpoint, list_checkpoints, load_state
+from rl.config import RunConfig
+from rl.driver import Driver, RunFailed
+from tests.conftest import run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+LONG = os.environ.get("RELIABILITY_LONG") == "1"
+pytestmark = pytest.mark.slow
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def fault_config(assets: Path, tmp: Path, name: str, **over) -> dict:
+    """The tiny run of tests/conftest.py, scored by the slowed verifier (so a batch is in flight long enough)."""
+    cfg = run_config(assets, tmp, name, **over)
+    cfg["rewards"]["rewards"][0] = {"name": "tests.reliability.slow_reward:SlowVerifier", "label": "verifier",
+                                    "kwargs": {"marker_dir": str(tmp / f"markers-{name}"), "delay_s": 1.0}}
+    cfg["rewards"]["service"]["runtime_env"] = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    return cfg
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final_policy" / "transformer" / "model.safetensors")
+
+
+def rewards_per_step(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["reward/mean"] for r in rows if "reward/mean" in r]
+
+
+def assert_same_run(reference: Path, run_dir: Path) -> None:
+    a, b = final_weights(reference), final_weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{run_dir.name}: weights differ"
+    assert rewards_per_step(reference) == rewards_per_step(run_dir), f"{run_dir.name}: rewards differ"
+
+
+def in_thread(fn) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def wait_for(cond, timeout: float = 300, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, rl_assets, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = RunConfig(**fault_config(rl_assets, tmp, "reference"))
+    Driver(cfg).run()
+    return cfg.run_dir
+
+
+# ------------------------------------------------------------------------------------------------ actors
+def test_rollout_worker_killed_while_sampling(reference, rl_assets, tmp_path):
+    driver = Driver(RunConfig(**fault_config(rl_assets, tmp_path, "worker")))
+    killed = []
+
+    def kill_one():
+        wait_for(lambda: hasattr(driver, "pool") and driver.pool.stats["units"] >= 4, what="sampling")
+        pid = ray.get(next(iter(driver.pool.workers.values())).pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    t = in_thread(kill_one)
+    driver.run()
+    t.join()
+    assert killed and driver.pool.stats["workers_lost"] >= 1 and driver.pool.stats["units"] == 3 * 3
+    assert_same_run(reference, driver.run_dir)
+
+
+def test_reward_replica_killed_during_a_batch(reference, rl_assets, tmp_path):
+    driver = Driver(RunConfig(**fault_config(rl_assets, tmp_path, "replica")))
+    call = tmp_path / "markers-replica" / "call-1"   # the batch of step 2, in flight
+    killed = []
+
+    def kill_replica():
+        wait_for(call.exists, what="the second reward batch")
+        pid = int(call.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    t = in_thread(kill_replica)
+    driver.run()
+    t.join()
+    calls = sorted((tmp_path / "markers-replica").glob("call-*"))
+    assert killed and len(calls) == 4 and int(calls[-1].read_text()) != killed[0]  # step 2 scored again, anew
+    assert_same_run(reference, driver.run_dir)
+
+
+def test_learner_rank_killed_during_a_step_stops_cleanly_and_resumes(reference, rl_assets, tmp_path):
+    cfg = fault_config(rl_assets, tmp_path, "learner")
+    driver = Driver(RunConfig(**cfg))
+    killed = []
+
+    def arm():  # SIGKILL rank 0 50 ms into the learner step of step 2
+        wait_for(lambda: getattr(driver, "learner", None) is not None, what="the learner")
+        learner, step = driver.learner, driver.learner.step
+        pid = ray.get(learner.actors[0].pid.remote())
+
+        def step_and_kill(batch):
+            if learner.version == 1:
+                threading.Timer(0.05, lambda: (os.kill(pid, signal.SIGKILL), killed.append(pid))).start()
+            return step(batch)
+
+        learner.step = step_and_kill
+
+    t = in_thread(arm)
+    with pytest.raises(RunFailed) as err:
+        driver.run()
+    t.join()
+    message = str(err.value)
+    assert killed and "\n" not in message
+    assert "learner rank 0 died during a learner step" in message and "at step 2" in message
+    assert "continue from checkpoint step 1" in message
+    assert [r["step"] for r in map(json.loads, (driver.run_dir / "metrics.jsonl").read_text().splitlines())] == [1]
+    Driver(RunConfig(**cfg, resume=True)).run()
+    assert_same_run(reference, driver.run_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+def kill_point(seed: int) -> tuple[int, float]:
+    """(metrics rows to wait for, then seconds to wait): spreads kills over start-up, steps, checkpoints, export."""
+    rng = random.Random(seed)
+    return rng.randint(0, 3), rng.uniform(0.0, 2.5)
+
+
+@pytest.mark.parametrize("seed", range(10 if LONG else 3))
+def test_driver_sigkilled_at_a_random_point_resumes_identically(seed, reference, rl_assets, tmp_path):
+    cfg = fault_config(rl_assets, tmp_path, f"driver{seed}")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "rl", "train", str(path)]
+    metrics = Path(cfg["runs_dir"]) / cfg["name"] / "metrics.jsonl"
+    rows, delay = kill_point(seed)
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while first.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        time.sleep(0.01)
+    time.sleep(delay)
+    first.send_signal(signal.SIGKILL)
+    out = first.communicate()[0]
+    print(f"seed {seed}: killed after {rows} steps + {delay:.2f} s (exit {first.returncode})")
+    second = subprocess.run(cmd + ["resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (out + second.stdout + second.stderr)[-3000:]
+    assert_same_run(reference, Path(cfg["runs_dir"]) / cfg["name"])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+WRITER = """
+import os, shutil, signal, sys
+from pathlib import Path
+from rl.checkpoint import save_checkpoint
+
+run_dir, source, step, kill_after = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+files = sorted(p for p in source.rglob("*") if p.is_file())
+
+def write_learner(dest):  # copies a real learner checkpoint file by file; SIGKILL before file number kill_after
+    for i, f in enumerate(files + [None]):
+        if i == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f is not None:
+            (dest / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest / f.relative_to(source))
+
+save_checkpoint(run_dir, step, {"step": step}, write_learner, keep=2)
+"""
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_crash_between_checkpoint_files_keeps_the_previous_one(reference, rl_assets, tmp_path):
+    # the reference run, as it stood after step 2 plus the step-3 records that a crash would leave behind
+    run_dir = tmp_path / "runs" / "reference"
+    shutil.copytree(reference, run_dir, symlinks=True)
+    source = run_dir / "checkpoints" / "step_000003"
+    (tmp_path / "step3").mkdir()
+    os.replace(source, tmp_path / "step3" / "step_000003")
+    source = tmp_path / "step3" / "step_000003" / "learner"
+    shutil.rmtree(run_dir / "final_policy")
+    (run_dir / "summary.json").unlink()
+    before = tree(run_dir / "checkpoints" / "step_000002")
+    n_files = len([p for p in source.rglob("*") if p.is_file()])
+    for kill_after in range(n_files + 1):
+        proc = subprocess.run([sys.executable, "-c", WRITER, str(run_dir), str(source), "3", str(kill_after)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert [p.name for p in list_checkpoints(run_dir)] == ["step_000002"]
+        assert latest_checkpoint(run_dir).name == "step_000002" and load_state(latest_checkpoint(run_dir))["step"] == 2
+        assert tree(run_dir / "checkpoints" / "step_000002") == before
+    print(f"checkpoint writer SIGKILLed at {n_files + 1} points between files: step 2 intact every time")
+    # the partial step-3 folder is never picked up: resuming re-runs step 3 from step 2, identically
+    Driver(RunConfig(**fault_config(rl_assets, tmp_path, "reference", resume=True))).run()
+    assert not list((run_dir / "checkpoints").glob(".t*"))
+    assert_same_run(reference, run_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of a given size (root and CAP_SYS_ADMIN, as in this project's containers), unmounted after."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write one file until the device answers ENOSPC; returns it."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def test_disk_full_mid_run_is_a_clear_error_and_damages_nothing(reference, rl_assets, tmp_path, small_disk):
+    disk = small_disk("64m")
+    cfg = fault_config(rl_assets, tmp_path, "full", runs_dir=str(disk))
+    run_dir = disk / "full"
+    fillers = []
+    t = in_thread(lambda: (wait_for((run_dir / "checkpoints" / "step_000001" / "driver_state.json").exists,
+                                    what="checkpoint 1"), fillers.append(fill(disk))))
+    with pytest.raises(RunFailed) as err:
+        Driver(RunConfig(**cfg)).run()
+    t.join()
+    message = str(err.value)
+    print(f"disk full: {message}")
+    assert "\n" not in message and "no space left on device" in message
+    assert "continue from checkpoint step 1" in message
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert pq.read_table(run_dir / "rollouts" / "step_000001.parquet").num_rows == 12
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_000001"]
+    fillers[0].unlink()
+    Driver(RunConfig(**cfg, resume=True)).run()
+    assert_same_run(reference, run_dir)
+
+
+def test_read_only_run_directory_is_refused_before_anything_starts(reference, tmp_path, small_disk):
+    disk = small_disk("64m")
+    shutil.copytree(reference, disk / reference.name, symlinks=True)
+    before = tree(disk)
+    remount(disk, "ro")
+    cfg = yaml.safe_load((reference / "config.yaml").read_text()) | {"runs_dir": str(disk), "resume": True}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "rl", "train", str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+    assert "runs_dir" in proc.stderr and "read-only" in proc.stderr
+    assert tree(disk) == before
