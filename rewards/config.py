@@ -55,6 +55,7 @@ class ServiceConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/rewards"
     max_request_bytes: int = Field(64 << 20, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)          # HTTP: a request body not received in this time -> 408
     timeout_s: float = Field(300.0, gt=0)              # client: one call, queueing included
     retries: int = Field(2, ge=0)                      # client: further attempts after a failed call
     backoff_s: float = Field(0.5, ge=0)                # client: wait before retry k is backoff_s * 2**(k-1) ...

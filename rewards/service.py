@@ -4,12 +4,11 @@ Two doors to the same batch queue (`serve.batch`: up to max_batch_size requests,
 batch_wait_timeout_s, merged into one call of the rewards per image size):
   - `handle.score.remote(Batch)` from the driver (rewards/client.py), answering Scored JSON or {"error": ...};
   - HTTP on host:port + route_prefix (127.0.0.1 by default): POST the wire JSON (rewards/wire.py) -> 200 scores,
-    400 bad payload, 413 too large, 500 {"error": "reward 'name': cause"}; GET -> metrics.
+    400 bad payload, 408 body not received within body_timeout_s, 413 too large, 500 {"error": "reward 'name': cause"}; GET -> metrics.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -19,7 +18,7 @@ from starlette.responses import JSONResponse
 from rewards.base import Batch, RewardError, resolve
 from rewards.combine import CombinedReward, score_many
 from rewards.config import RewardsConfig
-from rewards.wire import PayloadError, batch_from_json
+from rewards.wire import PayloadError, parse_request
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -28,7 +27,8 @@ def error(status: int, message: str) -> JSONResponse:
 
 async def read_body(request: Request, limit: int) -> bytes | None:
     """The request body, or None as soon as it is known to exceed `limit` bytes."""
-    if int(request.headers.get("content-length") or 0) > limit:
+    declared = request.headers.get("content-length") or "0"
+    if not declared.isdigit() or int(declared) > limit:  # a malformed length never gets this far through uvicorn
         return None
     body = bytearray()
     async for chunk in request.stream():
@@ -65,16 +65,17 @@ class RewardService:
             return JSONResponse(self.metrics())
         if request.method != "POST":
             return error(405, f"{request.method} not allowed; POST a batch or GET metrics")
-        limit = self.cfg.service.max_request_bytes
-        body = await read_body(request, limit)
+        svc = self.cfg.service
+        try:  # a client that stops sending (or trickles) its body must not hold a request slot for ever
+            body = await asyncio.wait_for(read_body(request, svc.max_request_bytes), svc.body_timeout_s)
+        except asyncio.TimeoutError:
+            return error(408, f"request body not received within body_timeout_s={svc.body_timeout_s:g}")
         if body is None:
-            return error(413, f"request larger than max_request_bytes={limit}")
+            return error(413, f"request larger than max_request_bytes={svc.max_request_bytes}")
         try:
-            batch = batch_from_json(json.loads(body))
+            batch = parse_request(body)
         except PayloadError as e:
             return error(400, f"bad payload: {e}")
-        except ValueError as e:  # not JSON
-            return error(400, f"bad payload: not JSON ({e})")
         out = await self._batched(batch)
         return JSONResponse(out, status_code=500 if "error" in out else 200)
 

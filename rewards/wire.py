@@ -22,7 +22,8 @@ from policy.config import format_validation_error
 from policy.images import png_bytes
 from rewards.base import Batch
 
-MAX_PIXELS = 4096 * 4096  # per image; checked before a PNG is decompressed
+MAX_PIXELS = 4096 * 4096          # per image; checked before a PNG is decompressed
+MAX_REQUEST_PIXELS = 64 << 20     # all images of one request together (a small PNG can declare a huge image)
 
 
 class PayloadError(ValueError):
@@ -41,39 +42,71 @@ def encode_images(images: np.ndarray) -> list[str]:
     return [base64.b64encode(png_bytes(im)).decode("ascii") for im in images]
 
 
-def decode_image(i: int, text: str) -> np.ndarray:
-    """One base64 PNG -> (H, W, 3) uint8."""
+def open_image(i: int, text: str) -> Image.Image:
+    """One base64 PNG, opened lazily: only its header is read (size and format are known, nothing decoded)."""
     try:
         img = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+    except Image.DecompressionBombError as e:
+        raise PayloadError(f"images.{i}: {e}") from None
     except (binascii.Error, ValueError, OSError):
         raise PayloadError(f"images.{i}: not a base64-encoded PNG") from None
     if img.format != "PNG":
         raise PayloadError(f"images.{i}: {img.format} image, expected PNG")
     if img.width * img.height > MAX_PIXELS:
         raise PayloadError(f"images.{i}: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
+    return img
+
+
+def decode_image(i: int, text: str | Image.Image) -> np.ndarray:
+    """One base64 PNG (or one opened by `open_image`) -> (H, W, 3) uint8."""
+    img = open_image(i, text) if isinstance(text, str) else text
     try:
         return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise PayloadError(f"images.{i}: broken PNG ({e})") from None
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, zlib.error, ... on damaged data
+        raise PayloadError(f"images.{i}: broken PNG ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def batch_to_json(batch: Batch) -> dict:
     return {"images": encode_images(batch.images), "prompts": list(batch.prompts), "metadata": batch.metadata}
 
 
-def batch_from_json(data: Any) -> Batch:
+def batch_from_json(data: Any, max_request_pixels: int = MAX_REQUEST_PIXELS) -> Batch:
     """Validate a decoded JSON request into a Batch; PayloadError names the bad field."""
     try:
         p = BatchPayload.model_validate(data)
     except ValidationError as e:
-        raise PayloadError(format_validation_error(e)) from None
-    images = [decode_image(i, s) for i, s in enumerate(p.images)]
-    if len({im.shape for im in images}) > 1:
+        msg = format_validation_error(e)
+        raise PayloadError(f"request{msg[len('config'):]}" if msg.startswith("config: ") else msg) from None
+    n = len(p.images)
+    if len(p.prompts) != n or (p.metadata is not None and len(p.metadata) != n):
+        meta = n if p.metadata is None else len(p.metadata)
+        raise PayloadError(f"batch: {n} images, {len(p.prompts)} prompts, {meta} metadata")
+    opened = [open_image(i, s) for i, s in enumerate(p.images)]  # headers only: sizes are checked first
+    if len({im.size for im in opened}) > 1:
         raise PayloadError("images: all images of a request must have the same size")
+    total = sum(im.width * im.height for im in opened)
+    if total > max_request_pixels:
+        raise PayloadError(f"images: {total} pixels in all exceed {max_request_pixels} per request")
+    images = [decode_image(i, im) for i, im in enumerate(opened)]
     try:
         return Batch(np.stack(images), p.prompts, p.metadata or [])
     except ValueError as e:
         raise PayloadError(str(e)) from None
+
+
+def parse_request(body: bytes, max_request_pixels: int = MAX_REQUEST_PIXELS) -> Batch:
+    """An HTTP request body -> Batch; anything malformed (encoding, JSON, wire format) is a PayloadError."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PayloadError(f"request: not UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise PayloadError(f"request: not JSON ({e})") from None
+    except RecursionError:
+        raise PayloadError("request: not JSON (nested too deeply)") from None
+    return batch_from_json(data, max_request_pixels)
 
 
 def floats_to_json(values: np.ndarray) -> list[float | None]:

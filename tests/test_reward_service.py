@@ -194,7 +194,7 @@ def test_http_scores_rejects_bad_payloads_and_keeps_serving(client, cfg):
     np.testing.assert_allclose(body["score"], by_handle.total, rtol=1e-6)
     good = batch_to_json(batch)
     for payload, code, message in [
-        (b"{not json", 400, "bad payload: not JSON"),
+        (b"{not json", 400, "bad payload: request: not JSON"),
         (json.dumps({"prompts": ["a"]}).encode(), 400, "bad payload: images: Field required"),
         (json.dumps({**good, "images": ["%%%"] * 2}).encode(), 400, "bad payload: images.0: not a base64-encoded PNG"),
         (json.dumps({**good, "prompts": ["a"]}).encode(), 400, "bad payload: batch: 2 images, 1 prompts, 2 metadata"),

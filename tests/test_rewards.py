@@ -260,7 +260,7 @@ def test_wire_roundtrip_and_bad_payloads():
     good = batch_to_json(batch)
     jpeg = base64.b64encode(_jpeg_bytes()).decode()
     for payload, message in [
-        ([1, 2], "^config: Input should be a valid dictionary"),
+        ([1, 2], "^request: Input should be a valid dictionary"),
         ({**good, "images": []}, "^images: List should have at least 1 item"),
         ({"prompts": ["a"]}, "^images: Field required"),
         ({**good, "extra": 1}, "^extra: Extra inputs are not permitted"),
