@@ -74,9 +74,13 @@ def fmt(s: dict[str, float], digits: int = 3) -> str:
     return f"{s['median']:.{digits}g} ({s['min']:.{digits}g}-{s['max']:.{digits}g})"
 
 
-def goal_cell(value: float, goal: float, op: str = ">=") -> str:
+def goal_cell(value: float, goal: float, op: str = ">=", unit: str = "") -> str:
     met = value >= goal if op == ">=" else value <= goal
-    return f"{'met' if met else 'MISSED'} ({op} {goal:g})"
+    return f"{'met' if met else 'MISSED'} ({op} {goal:g}{unit})"
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
 def cpu_threads(n: int = 1) -> None:

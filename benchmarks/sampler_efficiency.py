@@ -52,7 +52,8 @@ def main() -> None:
     cpu_threads()
     results = [measure(w, args.batch, args.repeats, args.matmul) for w in args.worlds]
     rows = [[r["world"], f"{r['flops']['sampler'] / 1e9:.1f}", fmt(r["gflop_per_s"]["sampler"]),
-             fmt(r["gflop_per_s"]["matmul"]), fmt(r["efficiency"], 2), goal_cell(r["efficiency"]["median"], GOAL)]
+             fmt(r["gflop_per_s"]["matmul"]), fmt(r["efficiency"], 2),
+             goal_cell(100 * r["efficiency"]["median"], 100 * GOAL, unit=" %")]
             for r in results]
     table = md_table([f"world (batch {args.batch}, CFG)", "sampler GFLOP per call", "sampler GFLOP per CPU-s",
                       f"matmul {args.matmul}^3 GFLOP per CPU-s", "fraction of matmul", "goal"], rows)
