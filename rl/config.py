@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_serializer, model_validator
 
 from policy.config import absolute_path
 from policy.sampler import SampleConfig
@@ -113,6 +113,13 @@ class RunConfig(_Strict):
 
             load_prompts(self.prompts)
         return self
+
+    @model_serializer(mode="wrap", when_used="json")
+    def _without_env_secrets(self, handler):
+        """JSON dumps (RUN/config.yaml, wandb's config) never hold the value of a secret env var (WANDB_API_KEY...)."""
+        from rl.tracking import redact_secrets
+
+        return redact_secrets(handler(self))
 
     @property
     def run_dir(self) -> Path:

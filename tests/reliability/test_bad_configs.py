@@ -148,9 +148,9 @@ def test_config_is_a_directory_or_missing(tmp_path, capsys):
         assert "\n" not in line and line.startswith(f"config error: {want}"), line
 
 
-@pytest.mark.parametrize("case", ["workers-above-max", "unknown-reward-name"])
-def test_bad_config_through_a_real_subprocess(tmp_path, case):
-    _, how, overrides, field = next(c for c in CASES if c[0] == case)
+def test_bad_config_through_a_real_subprocess(tmp_path):
+    """One case end to end (each start imports torch and transformers: ~10-30 s on 2 busy cores)."""
+    _, how, overrides, field = next(c for c in CASES if c[0] == "workers-above-max")
     path = write_config(tmp_path, how)
     env = {**os.environ, "RAY_ADDRESS": ""}  # never join a cluster another test left running
     proc = subprocess.run([sys.executable, "-m", "rl", "train", str(path), *overrides], cwd=tmp_path,
