@@ -186,8 +186,8 @@ def test_many_stalled_clients_do_not_starve_the_service(service):
 
 # ------------------------------------------------------------------------------------------------------ load
 def test_load_many_requests_from_32_clients_no_errors(service):
-    """2,000 requests in CI (about a minute on 2 busy cores); RELIABILITY_LONG=1: 5,000 (the published figure);
-    RELIABILITY_LOAD_REQUESTS=N: N."""
+    """2,000 requests in CI (about a minute on 2 busy cores); RELIABILITY_LONG=1: 5,000, written to
+    benchmarks/results/reward_load.{json,md} (runs of 5,000 or more only); RELIABILITY_LOAD_REQUESTS=N: N."""
     n = int(os.environ.get("RELIABILITY_LOAD_REQUESTS", 5_000 if LONG else 2_000))
     clients = 32
     latencies: list[float] = []
@@ -230,6 +230,9 @@ def test_load_many_requests_from_32_clients_no_errors(service):
               "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
               "load_average_1m": round(os.getloadavg()[0], 1)}  # other jobs share these cores
     print("reward service load:", json.dumps(result))
+    assert len(lat) == n and not errors, errors[:5]
+    if n < 5_000:  # the published figures are the 5,000-request run (RELIABILITY_LONG=1)
+        return
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "reward_load.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -237,4 +240,3 @@ def test_load_many_requests_from_32_clients_no_errors(service):
         "| requests | clients | errors | p50 ms | p99 ms | throughput req/s | wall s |\n|---|---|---|---|---|---|---|\n"
         f"| {result['requests']} | {clients} | {result['errors']} | {result['p50_ms']} | {result['p99_ms']} | "
         f"{result['throughput_rps']} | {result['wall_s']} |\n")
-    assert len(lat) == n and not errors, errors[:5]
