@@ -74,7 +74,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_state(ckpt: Path) -> dict:
+    path = Path(ckpt) / STATE
     try:
-        return json.loads((ckpt / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {ckpt}: unreadable driver state ({e})") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable driver state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: driver state must be a JSON object, got {type(state).__name__}")
+    return state
