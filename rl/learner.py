@@ -33,6 +33,7 @@ import os
 import random
 import socket
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -261,6 +262,10 @@ class LearnerActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by this actor's process (all its threads): steady timing on a shared machine."""
+        return time.process_time()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         import deepspeed
