@@ -107,6 +107,7 @@ class Driver:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.timings: dict[str, float] = {}
+        self.doing = "start-up"  # what the driver is at, for the message of a fault that stops the run
 
     # ------------------------------------------------------------------ writes
     @contextmanager
@@ -181,6 +182,7 @@ class Driver:
 
     def step(self, state: DriverState) -> dict:
         cfg, step = self.cfg, state.step + 1
+        self.doing = f"step {step}"
         t0 = time.perf_counter()
         units = make_units(cfg, step, state.cursor, self.items, self.tokenizer)
         results = self._timed("rollout", self.pool.run, units)
@@ -220,7 +222,8 @@ class Driver:
 
     def checkpoint(self, state: DriverState) -> Path:
         t = time.perf_counter()
-        with self._writing(f"checkpoint step {state.step}"):
+        self.doing = f"checkpoint step {state.step}"
+        with self._writing(self.doing):
             path = save_checkpoint(self.run_dir, state.step, state.__dict__, self.learner.save,
                                    self.cfg.checkpoint.keep)
         self.timings["checkpoint"] = time.perf_counter() - t
@@ -261,7 +264,7 @@ class Driver:
             bar = tqdm(total=self.cfg.steps, initial=state.step, desc=f"prefix-GRPO {self.cfg.name}", unit="step")
             return self._loop(state, stop, bar)
         except (LearnerDied, RewardServiceError) as e:
-            raise RunFailed(f"{e} at step {state.step + 1}; the run stopped; {resume_hint(self.run_dir)}") from None
+            raise RunFailed(f"{e} in {self.doing}; the run stopped; {resume_hint(self.run_dir)}") from None
         finally:
             if bar is not None:
                 bar.close()
@@ -278,6 +281,7 @@ class Driver:
             if stop.stop:
                 print(f"stopping on signal after step {state.step} (checkpoint written)", flush=True)
                 return {"stopped_at": state.step}
+        self.doing = "the final_policy export"
         with self._writing("final_policy"):
             summary = {"steps": state.step, "eval_before": state.eval_before, "final_policy": str(self.export_policy())}
         if cfg.eval.enabled:

@@ -1,4 +1,6 @@
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +118,43 @@ def run_config(assets, tmp_path, name, **over) -> dict:
             node = node.setdefault(k, {})
         node[last] = value
     return cfg
+
+
+# ------------------------------------------------------------------ the fault-free reference run, once per session
+@pytest.fixture(scope="session")
+def _reference_cache() -> dict:
+    return {}
+
+
+@pytest.fixture(scope="module")
+def reference_run(local_ray, rl_assets, tmp_path_factory, _reference_cache) -> Path:
+    """The 3-step run of run_config(), fault-free: computed by the first module that asks (on its Ray), then reused."""
+    if "run" not in _reference_cache:
+        from rl.config import RunConfig
+        from rl.driver import Driver
+
+        cfg = RunConfig(**run_config(rl_assets, tmp_path_factory.mktemp("reference"), "ref"))
+        Driver(cfg).run()
+        _reference_cache["run"] = cfg.run_dir
+    return _reference_cache["run"]
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final_policy" / "transformer" / "model.safetensors")
+
+
+def rewards_per_step(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["reward/mean"] for r in rows if "reward/mean" in r]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_same_run(reference: Path, run_dir: Path) -> None:
+    """Bit-identical final weights and the same reward at every step."""
+    assert same_weights(final_weights(reference), final_weights(run_dir)), f"{run_dir.name}: weights differ"
+    assert rewards_per_step(reference) == rewards_per_step(run_dir), f"{run_dir.name}: rewards differ"
