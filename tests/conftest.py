@@ -1,5 +1,6 @@
 import json
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,13 @@ def tiny_model(seed: int = 0, **backbone) -> NextScaleLM:
 def tiny_vq(seed: int = 0, **kw) -> MultiScaleVQ:
     torch.manual_seed(seed)
     return MultiScaleVQ(VQConfig(schedule=SCHED, channels=[16, 16, 16], code_dim=16, num_codes=64, **kw)).eval()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 run that is resized while it goes on with `python -m rl scale`."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,27 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_config
+from tests.conftest import free_port, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp_dir = Path("/tmp") / f"ray-test-{os.getpid()}"
     # every port of its own, so the head never collides with another local Ray on this machine
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "ray-client-server-port", "node-manager-port", "object-manager-port")]
     subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",

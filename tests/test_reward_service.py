@@ -6,7 +6,6 @@ misbehaves when a request's metadata asks it to.
 """
 import importlib
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from rewards.config import RewardsConfig
 from rewards.service import start_service
 from rewards.wire import batch_to_json, post_json
 from test_rewards import make_batch
+from tests.conftest import free_port
 
 PLUGIN = '''
 import time
@@ -86,12 +86,6 @@ def plugin_site(tmp_path_factory):
     importlib.invalidate_caches()
     yield site
     sys.path.remove(str(site))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 
 from rewards.config import RewardsConfig
 from rewards.wire import batch_to_json
+from tests.conftest import free_port
 from tests.reliability.test_wire_fuzz import BAD_BODIES
 from tests.test_rewards import make_batch
 
@@ -28,12 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG = os.environ.get("RELIABILITY_LONG") == "1"
 BODY_TIMEOUT_S = 6.0  # short for the slow-loris tests, long enough for a real body on 2 busy cores
 LIMIT = 200_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
