@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SIZE = 64
+CELL = 8                  # pixels per cell of the object lattice (= one token of the final 8x8 grid)
+LATTICE = IMAGE_SIZE // CELL
+OBJECT_CELLS = 2          # every object covers 2x2 cells
+OBJECT_SIZE = OBJECT_CELLS * CELL
 BACKGROUND = (245, 245, 245)
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -79,8 +83,9 @@ def all_specs() -> list[Spec]:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-def _shape_mask(shape: str, cx: float, cy: float, size: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+def shape_mask(shape: str, cx: float, cy: float, size: float, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """(image_size, image_size) bool: the pixels of a `shape` of side `size` centred at (cx, cy)."""
+    yy, xx = np.mgrid[0:image_size, 0:image_size]
     xx, yy = xx + 0.5, yy + 0.5
     r = size / 2
     if shape == "square":
@@ -94,17 +99,15 @@ def _shape_mask(shape: str, cx: float, cy: float, size: int) -> np.ndarray:
     raise ValueError(f"shape: unknown shape {shape!r}")
 
 
-def _place(rng: random.Random, sizes: list[int], relation: str | None, tries: int = 500):
-    """Non-overlapping centres (with a gap) for objects of the given sizes; relation holds for objects 0, 1."""
+def _place(rng: random.Random, n: int, relation: str | None, tries: int = 500) -> list[tuple[float, float]]:
+    """Centres of n objects on the cell lattice: each covers OBJECT_CELLS x OBJECT_CELLS whole cells, and any two
+    are at least one empty cell apart (so they never touch); the relation holds for objects 0 and 1."""
+    slots = LATTICE - OBJECT_CELLS + 1
     for _ in range(tries):
-        centres = []
-        for size in sizes:
-            r = size / 2 + 1
-            centres.append((rng.uniform(r, IMAGE_SIZE - r), rng.uniform(r, IMAGE_SIZE - r)))
-        ok = all(
-            max(abs(a[0] - b[0]), abs(a[1] - b[1])) > (sa + sb) / 2 + 3
-            for (a, sa), (b, sb) in itertools.combinations(zip(centres, sizes), 2)
-        )
+        corners = [(rng.randrange(slots), rng.randrange(slots)) for _ in range(n)]
+        ok = all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > OBJECT_CELLS
+                 for a, b in itertools.combinations(corners, 2))
+        centres = [((cx + OBJECT_CELLS / 2) * CELL, (cy + OBJECT_CELLS / 2) * CELL) for cx, cy in corners]
         if ok and relation is not None:
             ok = relation_holds(relation, centres[0], centres[1], margin=6)
         if ok:
@@ -119,18 +122,20 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
 
 
 def render(spec: Spec, rng: random.Random) -> np.ndarray:
-    """A (64, 64, 3) uint8 scene that satisfies `spec`; unspecified colours are drawn at random."""
+    """A (64, 64, 3) uint8 scene that satisfies `spec`; unspecified colours are drawn at random.
+
+    Objects are OBJECT_SIZE px and sit on the CELL-px lattice (the tokenizer's final 8x8 grid), so every object
+    is exactly 2x2 tokens: the world a tiny tokenizer can represent (see README, "the tiny world").
+    """
     items: list[tuple[str, str]] = []
     for o in spec.objects:
         colour = o.colour or rng.choice(list(PALETTE))
         items += [(o.shape, colour)] * o.count
-    max_size = 16 if len(items) <= 2 else 12
-    sizes = [rng.randint(10, max_size) for _ in items]
-    centres = _place(rng, sizes, spec.relation)
+    centres = _place(rng, len(items), spec.relation)
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     img[:] = BACKGROUND
-    for (shape, colour), (cx, cy), size in zip(items, centres, sizes):
-        img[_shape_mask(shape, cx, cy, size)] = PALETTE[colour]
+    for (shape, colour), (cx, cy) in zip(items, centres):
+        img[shape_mask(shape, cx, cy, OBJECT_SIZE)] = PALETTE[colour]
     return img
 
 

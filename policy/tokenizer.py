@@ -220,17 +220,19 @@ class MultiScaleVQ(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Reconstruction + VQ losses (straight-through to the encoder); semantic alignment when a teacher is given.
 
-        recon = mean of w * (|e| + e^2) over pixels, w = 1 + fg_weight on pixels that differ from the image's
-        dominant (median) colour: small objects on a plain background are not drowned by the background.
+        recon = mean of w * (|e| + e^2) over pixels, w = 1 + fg_weight on pixels where the image or its
+        reconstruction differs from the image's dominant (median) colour: small objects on a plain background are
+        not drowned by it, and paint spilled onto the background (a square's corners for a circle's) costs as much.
 
         teacher_feats: (B, D_t, H, W) frozen patch features; sem_head maps the accumulated semantic code vectors
         (B, D_sem, H, W) to D_t, and the loss is 1 - cosine similarity per position.
         """
         enc = self.encode(images)
         f_hat_st = enc.f + (enc.f_hat - enc.f).detach()
-        err = self.decoder(f_hat_st) - images
+        recon = self.decoder(f_hat_st)
+        err = recon - images
         out = {
-            "recon": (foreground_weights(images, fg_weight) * (err.abs() + err * err)).mean(),
+            "recon": (foreground_weights(images, fg_weight, recon.detach()) * (err.abs() + err * err)).mean(),
             "vq": F.mse_loss(enc.f_hat, enc.f.detach()) + beta * F.mse_loss(enc.f, enc.f_hat.detach()),
         }
         if self.cfg.sem_dim and teacher_feats is not None and sem_head is not None:
@@ -275,12 +277,17 @@ class MultiScaleVQ(nn.Module):
         return model.eval()
 
 
-def foreground_weights(images: torch.Tensor, fg_weight: float, tol: float = 0.05) -> torch.Tensor:
-    """(B, 3, P, P) -> (B, 1, P, P): 1 + fg_weight where a pixel differs from its image's median colour."""
+def foreground_weights(images: torch.Tensor, fg_weight: float, recon: torch.Tensor | None = None,
+                       tol: float = 0.05) -> torch.Tensor:
+    """(B, 3, P, P) -> (B, 1, P, P): 1 + fg_weight where a pixel of `images` (or of `recon`, when given) differs
+    from the image's median colour."""
     if not fg_weight:
         return torch.ones_like(images[:, :1])
     median = images.flatten(2).median(dim=2).values[..., None, None]                  # (B, 3, 1, 1)
-    return 1 + fg_weight * ((images - median).abs().sum(1, keepdim=True) > tol).float()
+    fg = (images - median).abs().sum(1, keepdim=True) > tol
+    if recon is not None:
+        fg = fg | ((recon - median).abs().sum(1, keepdim=True) > tol)
+    return 1 + fg_weight * fg.float()
 
 
 def _sq_dist(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

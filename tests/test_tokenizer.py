@@ -97,6 +97,10 @@ def test_foreground_weights_and_dead_code_restart():
     w = foreground_weights(img, 4.0)
     assert w[0, 0, 0, 0] == 5 and (w.flatten()[1:] == 1).all()
     assert torch.equal(foreground_weights(img, 0.0), torch.ones(1, 1, 4, 4))
+    recon = img.clone()
+    recon[0, :, 3, 3] = torch.tensor([1.0, 0.0, 0.0])  # paint spilled onto the background counts as foreground
+    w = foreground_weights(img, 4.0, recon)
+    assert w[0, 0, 0, 0] == 5 and w[0, 0, 3, 3] == 5 and w.sum() == 14 + 10
     vq = tiny_vq().train()
     enc = vq.encode(shapes_batch(4))
     used = vq.usage > 0

@@ -28,6 +28,21 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10(torch.mean((x - y) ** 2).clamp_min(1e-10))
 
 
+def recon_pass_rate(vq: MultiScaleVQ, n: int = 480, seed: int = 7) -> float:
+    """Fraction of held-out scenes (category-balanced) whose reconstruction passes the strict verifier."""
+    from rewards.verifier import score
+
+    rng = step_rng(seed, 0, 0)
+    specs = sample_specs(rng, n, split="heldout")
+    passed = 0
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            images, _ = scene_batch(rng, specs[i : i + 64])
+            recon = (vq.decode(vq.encode(images).targets) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+            passed += sum(score(img, spec)["all"] for img, spec in zip(recon, specs[i : i + 64]))
+    return passed / n
+
+
 def restart_codes(vq: MultiScaleVQ, images: torch.Tensor, step: int) -> int:
     """Dead-code restart on rank 0, then the codebook is broadcast so every rank holds the same one."""
     import torch.distributed as dist
@@ -74,6 +89,9 @@ def train_fn(config: dict) -> None:
                 metrics["psnr"] = psnr(vq.decode(enc.targets), images)
                 for s, codes in enumerate(enc.targets, start=1):
                     metrics[f"usage/scale{s}"] = torch.unique(codes).numel() / cfg.vq.num_codes
+        if rank == 0 and (step + 1 == cfg.steps or (step + 1) % cfg.checkpoint_every == 0):
+            metrics["recon_pass"] = recon_pass_rate(vq.eval())
+            vq.train()
         return loss, metrics
 
     train_steps(cfg, modules, opt, step_fn, export=lambda d: vq.save_pretrained(d))
