@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(cfg.seed)
-    ecfg = EvalConfig(sample=cfg.sample, prompts_per_category=max(1, cfg.num_images // len(CATEGORIES)),
+    ecfg = EvalConfig(sample=cfg.sample, images_per_category=max(1, cfg.num_images // len(CATEGORIES)),
                       batch_size=cfg.batch_size, seed=cfg.seed, grid_size=cfg.num_images)
     result, images, labels = evaluate(build_policy(cfg.policy), ecfg, desc="sampling")
     grid = write_report(result, images, labels, cfg.out_dir, ecfg.grid_size)

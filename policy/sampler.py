@@ -68,6 +68,11 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
+def code_logprobs(cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """log pi(code) under the unguided conditional policy: (B, n, V) logits, (B, n) codes -> (B, n)."""
+    return cond.float().log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
+
+
 def sample_scale(cond, uncond, w, temperature, top_k, top_p, u):
     """One scale: (B, n, V) logits -> codes (B, n) and their log-prob under the unguided conditional policy."""
     logits = guided_logits(cond.float(), None if uncond is None else uncond.float(), w)
@@ -75,8 +80,7 @@ def sample_scale(cond, uncond, w, temperature, top_k, top_p, u):
         codes = logits.argmax(-1)
     else:
         codes = inverse_cdf(filter_logits(logits / temperature, top_k, top_p).softmax(-1), u)
-    logp = cond.float().log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
-    return codes, logp
+    return codes, code_logprobs(cond, codes)
 
 
 # --------------------------------------------------------------------------------------- next-scale sampler
@@ -85,6 +89,29 @@ class SampleOutput:
     codes: list[torch.Tensor]   # per scale (B, h_s, w_s) long
     images: torch.Tensor | None  # (B, 3, P, P) in [0, 1]
     logprobs: torch.Tensor      # (B, tokens of scales 1..m) old log-probs, unguided conditional policy
+
+
+def _scale_settings(cfg: SampleConfig, num_scales: int) -> list[tuple[float, float, int, float]]:
+    """(w, temperature, top_k, top_p) of each scale."""
+    return list(zip(guidance_weights(cfg.cfg_scale, cfg.guidance_schedule, num_scales),
+                    per_scale(cfg.temperature, num_scales, "temperature"),
+                    per_scale(cfg.top_k, num_scales, "top_k"), per_scale(cfg.top_p, num_scales, "top_p")))
+
+
+def _check_prefix(prefix_codes: list[torch.Tensor], sched, b: int) -> None:
+    if len(prefix_codes) > len(sched):
+        raise ValueError(f"prefix_codes: {len(prefix_codes)} scales for a schedule of {len(sched)}")
+    for s, (c, (h, w)) in enumerate(zip(prefix_codes, sched)):
+        if tuple(c.shape) != (b, h, w):
+            raise ValueError(f"prefix_codes[{s}]: shape {tuple(c.shape)}, expected {(b, h, w)}")
+
+
+def _scale_codes(cond, uncond, setting, u, forced: torch.Tensor | None):
+    """One scale's codes and log-probs: the given (teacher-forced) codes, or a sample."""
+    if forced is None:
+        return sample_scale(cond, uncond, *setting, u)
+    code = forced.to(cond.device, torch.long).reshape(cond.shape[0], -1)
+    return code, code_logprobs(cond, code)
 
 
 def _text_batch(model: NextScaleLM, text_ids: list[list[int]], guided: bool):
@@ -104,15 +131,20 @@ def sample(
     m: int | None = None,
     use_cache: bool = True,
     decode: bool = True,
+    prefix_codes: list[torch.Tensor] | None = None,
 ) -> SampleOutput:
-    """Sample all S scales for each prompt; per-sample seeds make each image independent of its batch."""
+    """Sample all S scales for each prompt; per-sample seeds make each image independent of its batch.
+
+    `prefix_codes` (per scale (B, h_s, w_s), scales 1..j): teacher-force those scales (their codes are fed, not
+    sampled; log-probs are of the given codes) and sample scales j+1..S. A forced scale still draws its uniforms,
+    so a continuation with the seed that sampled the prefix reproduces that sample exactly.
+    """
     sched = model.schedule
     num_scales, b = len(sched), len(text_ids)
     m = num_scales if m is None else m
-    ws = guidance_weights(cfg.cfg_scale, cfg.guidance_schedule, num_scales)
-    temps = per_scale(cfg.temperature, num_scales, "temperature")
-    top_ks = per_scale(cfg.top_k, num_scales, "top_k")
-    top_ps = per_scale(cfg.top_p, num_scales, "top_p")
+    settings = _scale_settings(cfg, num_scales)
+    forced = list(prefix_codes or [])
+    _check_prefix(forced, sched, b)
     guided = cfg.cfg_scale != 1.0
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
@@ -131,7 +163,7 @@ def sample(
         logits = model.image_logits(hidden)                                         # (R, n_s, V)
         cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)
         u = torch.stack([torch.rand(h * w, generator=g) for g in gens]).to(logits.device)
-        code, logp = sample_scale(cond, uncond, ws[s], temps[s], top_ks[s], top_ps[s], u)
+        code, logp = _scale_codes(cond, uncond, settings[s], u, forced[s] if s < len(forced) else None)
         codes.append(code.view(b, h, w))
         if s < m:
             logps.append(logp)

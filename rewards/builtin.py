@@ -11,7 +11,7 @@ import numpy as np
 
 from policy.shapes import Spec
 from rewards.base import Batch
-from rewards.verifier import partial_credit, score
+from rewards.verifier import JUDGES, partial_credit, score
 from rewards.wire import batch_to_json, post_json
 
 CHECKS = ("object", "colour", "count", "two-object", "position", "all")  # every check the verifier can report
@@ -26,19 +26,22 @@ class VerifierReward:
     """GenEval-style verifier against metadata["spec"]: "partial" = fraction of checks passed, "strict" = all.
 
     Sub-scores: each check (object, colour, count, two-object, position, all) as 0/1, NaN where it does not apply.
+    `judge`: the shape classifier, "fill" (bounding-box fill ratio) or "template" (stricter template IoU).
     """
 
-    def __init__(self, mode: str = "partial"):
+    def __init__(self, mode: str = "partial", judge: str = "fill"):
         if mode not in ("partial", "strict"):
             raise ValueError(f"mode must be 'partial' or 'strict', got {mode!r}")
-        self.mode = mode
+        if judge not in JUDGES:
+            raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {judge!r}")
+        self.mode, self.judge = mode, judge
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict:
         checks = []
         for i, (img, meta) in enumerate(zip(images, metadata)):
             if "spec" not in meta:
                 raise ValueError(f"metadata {i} has no 'spec'")
-            checks.append(score(img, Spec.from_json(meta["spec"])))
+            checks.append(score(img, Spec.from_json(meta["spec"]), self.judge))
         main = [partial_credit(c) if self.mode == "partial" else float(c["all"]) for c in checks]
         return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in CHECKS}}
 

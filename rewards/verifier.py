@@ -3,19 +3,28 @@
 `detect(image)` finds coloured blobs (nearest palette colour, connected components) and classifies each blob's
 shape by how much of its bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2). `score(image, spec)`
 turns the detections into per-check results: object, colour, count, position (and two-object for two-object
-prompts). Nothing here is learned, so a policy under training cannot fool it.
+prompts). Nothing here is learned, but the fill ratio is lenient: a policy can game it (a blob of the right fill
+passes whatever its outline).
+
+A second, stricter judge (`judge="template"`) classifies a blob by the IoU of its pixel mask with the ideal
+circle / square / triangle drawn at the blob's bounding box (`classify_template`); all checks are shared. Use it
+as a held-out judge that is not the training reward.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
-from policy.shapes import BACKGROUND, PALETTE, Spec, relation_holds
+from policy.shapes import BACKGROUND, PALETTE, SHAPES, Spec, relation_holds, shape_mask
 
 MIN_AREA = 30          # blobs smaller than this are noise (the smallest rendered object covers ~45 px)
 MAX_AREA = 400         # blobs larger than this are not one object (rendered objects are at most 16x16)
 MAX_COLOUR_DIST = 90   # RGB distance to the nearest palette colour; farther is background / noise
+TEMPLATE_IOU = 0.8      # template judge: the best template must overlap the blob at least this much ...
+TEMPLATE_MARGIN = 0.05  # ... and beat the runner-up by this much (a blob between circle and square is "other")
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[n] for n in _NAMES] + [BACKGROUND], dtype=np.float32)  # (C+1, 3)
 
@@ -58,13 +67,21 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
+def _object_box(points: np.ndarray) -> tuple[int, int] | None:
+    """(height, width) of the blob's bounding box; None unless the box is about square and object-sized."""
+    ys, xs = points[:, 0], points[:, 1]
+    bh, bw = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+    if len(points) > MAX_AREA or not 0.75 <= bh / bw <= 1.33:
+        return None
+    return bh, bw
+
+
 def classify_shape(points: np.ndarray) -> str:
     """Shape from the fill ratio of its bounding box; "other" unless the box is about square and object-sized."""
-    ys, xs = points[:, 0], points[:, 1]
-    bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    if len(points) > MAX_AREA or not 0.75 <= bh / bw <= 1.33:
+    box = _object_box(points)
+    if box is None:
         return "other"
-    fill = len(points) / float(bh * bw)
+    fill = len(points) / float(box[0] * box[1])
     if fill > 0.9:
         return "square"
     if fill > 0.65:
@@ -72,8 +89,70 @@ def classify_shape(points: np.ndarray) -> str:
     return "triangle"
 
 
-def detect(image: np.ndarray) -> list[Blob]:
-    """Blobs of an (H, W, 3) uint8 image."""
+def blob_mask(points: np.ndarray) -> np.ndarray:
+    """(h, w) bool: the blob's pixels cropped to its bounding box."""
+    ys, xs = points[:, 0] - points[:, 0].min(), points[:, 1] - points[:, 1].min()
+    out = np.zeros((ys.max() + 1, xs.max() + 1), dtype=bool)
+    out[ys, xs] = True
+    return out
+
+
+@lru_cache(maxsize=256)
+def ideal_mask(shape: str, side: int) -> np.ndarray:
+    """(h, w) bool: the renderer's `shape` of side `side` (policy.shapes.shape_mask), cropped to its bounding box."""
+    n = side + 2
+    m = shape_mask(shape, n / 2, n / 2, side, image_size=n)
+    ys, xs = np.nonzero(m)
+    out = m[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    out.flags.writeable = False
+    return out
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks, each centred on a common canvas (offset (H - h) // 2)."""
+    h, w = max(a.shape[0], b.shape[0]), max(a.shape[1], b.shape[1])
+
+    def pad(m: np.ndarray) -> np.ndarray:
+        out = np.zeros((h, w), dtype=bool)
+        y, x = (h - m.shape[0]) // 2, (w - m.shape[1]) // 2
+        out[y : y + m.shape[0], x : x + m.shape[1]] = m
+        return out
+
+    pa, pb = pad(a), pad(b)
+    union = np.logical_or(pa, pb).sum()
+    return float(np.logical_and(pa, pb).sum() / union) if union else 0.0
+
+
+def template_ious(points: np.ndarray) -> dict[str, float]:
+    """IoU of the blob with each ideal shape drawn at its bounding box (side = the box's longer side)."""
+    mask = blob_mask(points)
+    return {s: mask_iou(mask, ideal_mask(s, max(mask.shape))) for s in SHAPES}
+
+
+def classify_template(points: np.ndarray, threshold: float = TEMPLATE_IOU, margin: float = TEMPLATE_MARGIN) -> str:
+    """The shape whose template overlaps the blob best, if IoU >= threshold and it beats the runner-up by margin;
+    "other" otherwise (and, as for the fill ratio, unless the box is about square and object-sized)."""
+    if _object_box(points) is None:
+        return "other"
+    ranked = sorted(template_ious(points).items(), key=lambda kv: -kv[1])
+    (best, iou), (_, second) = ranked[0], ranked[1]
+    return best if iou >= threshold and iou - second >= margin else "other"
+
+
+JUDGES: dict[str, Callable[[np.ndarray], str]] = {"fill": classify_shape, "template": classify_template}
+
+
+def _classifier(judge: str | Callable[[np.ndarray], str]) -> Callable[[np.ndarray], str]:
+    if callable(judge):
+        return judge
+    if judge not in JUDGES:
+        raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {judge!r}")
+    return JUDGES[judge]
+
+
+def detect(image: np.ndarray, judge: str | Callable[[np.ndarray], str] = "fill") -> list[Blob]:
+    """Blobs of an (H, W, 3) uint8 image; `judge` names (JUDGES) or is the shape classifier of a blob's points."""
+    classify = _classifier(judge)
     labels = colour_labels(np.asarray(image))
     blobs = []
     for ci, name in enumerate(_NAMES):
@@ -81,7 +160,7 @@ def detect(image: np.ndarray) -> list[Blob]:
             if len(pts) < MIN_AREA:
                 continue
             centre = (float(pts[:, 1].mean()) + 0.5, float(pts[:, 0].mean()) + 0.5)
-            blobs.append(Blob(name, classify_shape(pts), len(pts), centre))
+            blobs.append(Blob(name, classify(pts), len(pts), centre))
     return blobs
 
 
@@ -89,9 +168,12 @@ def _matches(blob: Blob, shape: str, colour: str | None) -> bool:
     return blob.shape == shape and (colour is None or blob.colour == colour)
 
 
-def score(image: np.ndarray, spec: Spec) -> dict[str, bool]:
-    """Per-check results for one image; key "all" is the strict verdict (every check passed)."""
-    blobs = detect(image)
+def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str] = "fill") -> dict[str, bool]:
+    """Per-check results for one image; key "all" is the strict verdict (every check passed).
+
+    `judge`: "fill" (the lenient bounding-box fill ratio, the training reward) or "template" (template IoU).
+    """
+    blobs = detect(image, judge)
     checks: dict[str, bool] = {}
     objs = spec.objects
     checks["object"] = all(any(b.shape == o.shape for b in blobs) for o in objs)

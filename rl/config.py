@@ -15,6 +15,7 @@ from policy.sampler import SampleConfig
 from rewards.config import RewardsConfig
 from rl.grpo import GRPOLossConfig
 from rl.learner import LearnerConfig
+from rl.vmr import VMRConfig
 
 
 PATH_KWARGS = ("model", "pretrained", "path", "checkpoint")  # reward kwargs that may name files
@@ -42,8 +43,9 @@ class RolloutConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    path: str | None = None                      # Parquet with a `prompt` column (+ optional `spec` metadata)
+    path: str | None = None                      # Parquet with a `prompt` column (+ optional `spec`, `category`)
     split: Literal["train", "heldout", "all"] = "train"  # the shapes world's split when path is null
+    balance: Literal["none", "category"] = "category"  # cycle the stream through categories (none if unknown)
 
 
 class CheckpointSettings(_Strict):
@@ -60,8 +62,7 @@ class LoggingSettings(_Strict):
 
 class EvalSettings(_Strict):
     enabled: bool = True                         # held-out verifier score before the first and after the last step
-    prompts_per_category: int = Field(12, ge=1)
-    samples_per_prompt: int = Field(1, ge=1)
+    images_per_category: int = Field(96, ge=1)   # held-out prompts repeated cyclically (new seeds) to this many
 
 
 class RunConfig(_Strict):
@@ -78,6 +79,7 @@ class RunConfig(_Strict):
     normalize_std: bool = True
     adv_eps: float = Field(1e-4, gt=0)
     loss: GRPOLossConfig = GRPOLossConfig()
+    vmr: VMRConfig = VMRConfig()                 # middle-step value over K completions per prefix; k = 1: off
     learner: LearnerConfig = LearnerConfig()
     rollout: RolloutConfig = RolloutConfig()
     prompts: PromptsConfig = PromptsConfig()

@@ -28,6 +28,7 @@ from rl.grpo import group_advantages, zero_std_fraction
 from rl.learner import LearnerDied
 from rl.prompts import load_prompts, prompts_at
 from rl.tracking import Tracker
+from rl.vmr import completion_batch, prefix_scores, vmr_metrics
 from rl.weights import check_learner_checkpoint
 from rollout.pool import RolloutPool
 from rollout.record import rollout_table, write_step
@@ -86,7 +87,7 @@ class StopFlag:
 
 
 def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -> list[WorkUnit]:
-    picked = prompts_at(items, cfg.seed, cursor, cfg.prompts_per_step)
+    picked = prompts_at(items, cfg.seed, cursor, cfg.prompts_per_step, balance=cfg.prompts.balance)
     ids = tokenizer([p for p, _ in picked], add_special_tokens=False)["input_ids"]
     return [WorkUnit(f"{step}/{i}", step, i, p, tuple(t), unit_seed(cfg.seed, step, i), cfg.group_size, meta)
             for i, ((p, meta), t) in enumerate(zip(picked, ids))]
@@ -163,7 +164,7 @@ class Driver:
         r = cfg.rollout
         lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
         factory = lambda: RolloutWorker.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(  # noqa: E731
-            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker)
+            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k)
         self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
         if state.version > 0:
@@ -189,25 +190,30 @@ class Driver:
         images = np.concatenate([results[u.uid].images for u in units])
         prompts = [u.prompt for u in units for _ in range(u.group_size)]
         meta = [u.metadata for u in units for _ in range(u.group_size)]
-        scored = self._timed("reward", self.rewards.score, images, prompts, meta)
-        rewards = torch.as_tensor(np.asarray(scored.total), dtype=torch.float64).view(len(units), cfg.group_size)
-        adv = group_advantages(rewards, cfg.normalize_std, cfg.adv_eps)
+        batch = completion_batch(units, results, images, prompts, meta, cfg.vmr.k)  # B * K images (VMR)
+        scored = self._timed("reward", self.rewards.score, *batch)
+        prefix = prefix_scores(scored.total, scored.components, len(units), cfg.group_size, cfg.vmr)
+        rewards = prefix.rewards
+        adv = group_advantages(prefix.values, cfg.normalize_std, cfg.adv_eps)
         learn = self._timed("learner", self.learner.step, train_batch(units, results, adv, cfg.m))
         self._timed("sync", lambda: self.pool.broadcast(*self.learner.publish()))
         if self.pool.version != step:
             raise RuntimeError(f"learner is at weight version {self.pool.version}, the driver at step {step}")
         state.step, state.cursor, state.version = step, state.cursor + len(units), step
         t_log = time.perf_counter()
-        components = {k: np.asarray(v, dtype=np.float64) for k, v in scored.components.items()}
+        components = prefix.components
         metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   "zero_std_groups": zero_std_fraction(rewards), "rollout/workers": self.pool.size,
+                   "zero_std_groups": zero_std_fraction(prefix.values), "rollout/workers": self.pool.size,
+                   **vmr_metrics(prefix),
                    **{f"reward/{k}/mean": float(v.mean()) for k, v in components.items()},
                    **{f"reward/{k}/std": float(v.std()) for k, v in components.items()},
                    **{f"learner/{k}": v for k, v in learn.items()},
                    **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
         with self._writing(f"the records of step {step}"):
             write_step(self.run_dir, step, rollout_table(step, units, results, rewards.view(-1).numpy(),
-                                                          components, adv.view(-1).numpy()))
+                                                          components, adv.view(-1).numpy(),
+                                                          prefix.values.reshape(-1).numpy(),
+                                                          prefix.completions.reshape(len(images), -1).numpy()))
             if step % cfg.logging.grid_every == 0 or step == cfg.steps:
                 n = min(cfg.logging.grid_size, len(images))
                 captions = [f"{p} R={r:.2f}" for p, r in zip(prompts, rewards.view(-1).tolist())]
@@ -244,10 +250,10 @@ class Driver:
         from policy.io import Policy
 
         e = self.cfg.eval
-        ecfg = EvalConfig(sample=self.cfg.rollout.sample, prompts_per_category=e.prompts_per_category,
-                          samples_per_prompt=e.samples_per_prompt, seed=self.cfg.seed + 777)
-        result, images, labels = evaluate(Policy.load(policy_dir), ecfg, desc=f"eval {tag}")
-        write_report(result, images, labels, self.run_dir / f"eval_{tag}", ecfg.grid_size)
+        ecfg = EvalConfig(sample=self.cfg.rollout.sample, images_per_category=e.images_per_category,
+                          seed=self.cfg.seed + 777)
+        result, images, records = evaluate(Policy.load(policy_dir), ecfg, desc=f"eval {tag}")
+        write_report(result, images, records, self.run_dir / f"eval_{tag}", ecfg.grid_size)
         return result
 
     # ------------------------------------------------------------------ the loop

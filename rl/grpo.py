@@ -6,6 +6,7 @@ Shapes: P prompts x G samples = B rows; N = tokens of scales 1..m; k (N,) = k_s 
     rho = exp(log pi_theta - log pi_old)                     per token, conditional policy without CFG
     L   = - sum_i sum_tok k min(rho A_i, clip(rho, 1 - eps_lo, 1 + eps_hi) A_i) / sum_i sum_tok k  +  beta KL
     KL  = sum_i sum_tok k kl_tok / sum_i sum_tok k,  kl_tok = exp(d) - d - 1 (k3) or -d (k1), d = log pi_ref - log pi_theta
+    V_m = eta log mean_k exp(R_k / eta)                      VMR: value of a prefix over K completions (R_i := V_m)
 """
 from __future__ import annotations
 
@@ -94,3 +95,9 @@ def per_scale_mean(x: torch.Tensor, scale_of_token: torch.Tensor, num_scales: in
 def soft_value(rewards: torch.Tensor, eta: float) -> torch.Tensor:
     """V_m = eta log mean_k exp(R_k / eta) over K completions from one prefix (rewards (..., K))."""
     return eta * (torch.logsumexp(rewards / eta, dim=-1) - math.log(rewards.shape[-1]))
+
+
+def prefix_values(rewards: torch.Tensor, eta: float) -> torch.Tensor:
+    """(P, G, K) rewards of K completions per prefix -> (P, G) values: the reward itself for K = 1 (bit for bit),
+    else soft_value over the K completions (VMR)."""
+    return rewards[..., 0] if rewards.shape[-1] == 1 else soft_value(rewards, eta)

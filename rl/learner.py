@@ -328,6 +328,7 @@ class LearnerActor:
         gas = self.ds_config["gradient_accumulation_steps"]
         if len(micro) != gas:
             raise ValueError(f"batch: {len(shard)} rows on rank {self.rank} make {len(micro)} micro-batches, not {gas}")
+        cpu0 = time.process_time()
         refs = [self._ref_logprobs(mb) for mb in micro]                # constant over passes
         self.engine.train()
         records = []
@@ -336,6 +337,7 @@ class LearnerActor:
                 scale = micro_loss_scale(len(mb), len(shard), gas)
                 records.append(self._micro_step(mb, ref, scale, first_pass=p == 0))
             records.append({"grad_norm": self._last_grad_norm})
+        records.append({"cpu_seconds": time.process_time() - cpu0})  # this rank's CPU time of the step (mean over ranks)
         return records
 
     def _micro_step(self, mb: TrainBatch, ref: torch.Tensor | None, scale: float, first_pass: bool) -> dict:

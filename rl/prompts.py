@@ -1,4 +1,9 @@
-"""The prompt stream: an endless, seeded sequence of (prompt, metadata) with a cursor saved in checkpoints."""
+"""The prompt stream: an endless, seeded sequence of (prompt, metadata) with a cursor saved in checkpoints.
+
+With balance="category" the stream cycles through the categories (metadata["category"]), each category going
+through its own seeded permutation per epoch; position p of the stream depends only on (seed, p), so resuming at
+a cursor continues the same stream.
+"""
 from __future__ import annotations
 
 import random
@@ -7,7 +12,9 @@ from rl.config import PromptsConfig
 
 
 def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
-    """From a Parquet file (`prompt` column, optional `spec`), or the shapes world's split.
+    """From a Parquet file (`prompt` column, optional `spec` and `category`), or the shapes world's split.
+
+    Metadata: {"spec": ...} where known, and {"category": ...} (the shapes spec's, or the file's column).
 
     A bad file is a one-line ValueError naming `prompts.path` and the cause.
     """
@@ -17,7 +24,7 @@ def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
         from policy.shapes import all_specs, caption, split_prompts
 
         specs = all_specs() if cfg.split == "all" else getattr(split_prompts(), cfg.split)
-        items = [(caption(s), {"spec": s.to_json()}) for s in specs]
+        items = [(caption(s), {"spec": s.to_json(), "category": s.category}) for s in specs]
     bad = [i for i, (p, _) in enumerate(items) if not isinstance(p, str) or not p.strip()]
     if not items or bad:
         field = "prompts.path" if cfg.path else "prompts.split"
@@ -48,22 +55,58 @@ def _read_prompt_file(path: str) -> list[tuple[str, dict]]:
         prompts = col.to_pylist()
     except (UnicodeDecodeError, pa.ArrowException) as e:
         raise ValueError(f"prompts.path: {path}: column 'prompt' is not valid UTF-8 ({type(e).__name__})") from None
-    specs = table["spec"].to_pylist() if "spec" in table.column_names else [None] * len(prompts)
     if not prompts:
         raise ValueError(f"prompts.path: no prompts in {path} (0 rows)")
-    return [(p, {"spec": s} if s else {}) for p, s in zip(prompts, specs)]
+    specs, cats = (table[c].to_pylist() if c in table.column_names else [None] * len(prompts)
+                   for c in ("spec", "category"))
+    return [(p, {**({"spec": s} if s else {}), **({"category": str(c)} if c is not None else {})})
+            for p, s, c in zip(prompts, specs, cats)]
 
 
-def prompts_at(items: list, seed: int, cursor: int, n: int) -> list:
-    """Items cursor .. cursor+n of the stream: each epoch is a fresh seeded permutation of `items`."""
-    orders: dict[int, list[int]] = {}
+def _permuted(n: int, key: str, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{key}/epoch{epoch}").shuffle(order)
+    return order
+
+
+def _stream_index(n: int, key: str, pos: int, orders: dict) -> int:
+    """Index into a list of n items at position pos of its endless stream: a seeded permutation per epoch."""
+    epoch, i = divmod(pos, n)
+    if (key, epoch) not in orders:
+        orders[key, epoch] = _permuted(n, key, epoch)
+    return orders[key, epoch][i]
+
+
+def _category(item) -> str | None:
+    meta = item[1] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict) else {}
+    return meta.get("category")
+
+
+def category_groups(items: list) -> dict[str, list[int]] | None:
+    """{category: indices of its items} in sorted category order; None unless every item has metadata["category"]."""
+    cats = [_category(it) for it in items]
+    if not cats or any(c is None for c in cats):
+        return None
+    return {c: [i for i, x in enumerate(cats) if x == c] for c in sorted(set(cats))}
+
+
+def prompts_at(items: list, seed: int, cursor: int, n: int, balance: str = "none") -> list:
+    """Items cursor .. cursor+n of the stream.
+
+    balance="none": each epoch is a fresh seeded permutation of `items`. balance="category" (items are
+    (prompt, metadata) with metadata["category"]; otherwise as "none"): position p takes category p mod K of the
+    K sorted categories and item p div K of that category's own stream (a seeded permutation per epoch).
+    """
+    if balance not in ("none", "category"):
+        raise ValueError(f"prompts.balance must be 'none' or 'category', got {balance!r}")
+    groups = category_groups(items) if balance == "category" else None
+    orders: dict = {}
+    if groups is None:
+        return [items[_stream_index(len(items), str(seed), pos, orders)] for pos in range(cursor, cursor + n)]
+    cats = list(groups)
     out = []
     for pos in range(cursor, cursor + n):
-        epoch, i = divmod(pos, len(items))
-        if epoch not in orders:
-            orders[epoch] = list(range(len(items)))
-            random.Random(f"{seed}/epoch{epoch}").shuffle(orders[epoch])
-        out.append(items[orders[epoch][i]])
+        k, j = pos % len(cats), pos // len(cats)
+        group = groups[cats[k]]
+        out.append(items[group[_stream_index(len(group), f"{seed}/{cats[k]}", j, orders)]])
     return out
-
-

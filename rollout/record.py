@@ -1,7 +1,8 @@
 """The rollout record: one Parquet file per step under RUN/rollouts/ (a Parquet dataset), written atomically.
 
 Columns: step, uid, prompt, metadata (JSON), seed, sample, version, codes (flat list of all scales' codes),
-reward, reward/<component>..., advantage, image_png (PNG bytes).
+reward, reward/<component>..., advantage, image_png (PNG bytes); VMR: value (what the advantage is computed from),
+completion_rewards (the K completions' rewards of the sample's prefix; [reward] for K = 1), completion_seeds.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from policy.images import png_bytes
-from rollout.units import UnitResult, WorkUnit, sample_seeds
+from rollout.units import UnitResult, WorkUnit, completion_seeds, sample_seeds
 
 
 def rollout_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rewards: np.ndarray,
-                  components: dict[str, np.ndarray], advantages: np.ndarray) -> pa.Table:
-    """rewards, components[name], advantages: (P * G,) in unit order, G samples per unit."""
+                  components: dict[str, np.ndarray], advantages: np.ndarray, values: np.ndarray | None = None,
+                  completion_rewards: np.ndarray | None = None) -> pa.Table:
+    """rewards, components[name], advantages, values: (P * G,) in unit order, G samples per unit;
+    completion_rewards (P * G, K). Without them (K = 1) value = reward and completion_rewards = [reward]."""
     rows: dict[str, list] = {k: [] for k in ("step", "uid", "prompt", "metadata", "seed", "sample", "version",
                                              "codes", "image_png")}
     for unit in units:
@@ -40,9 +43,21 @@ def rollout_table(step: int, units: list[WorkUnit], results: dict[str, UnitResul
     for name, vals in components.items():
         cols[f"reward/{name}"] = pa.array(vals, type=pa.float64())
     cols["advantage"] = pa.array(advantages, type=pa.float64())
+    cols.update(vmr_columns(units, rewards, values, completion_rewards))
     cols["image_png"] = pa.array(rows["image_png"], type=pa.binary())
     cols["seed"] = pa.array(rows["seed"], type=pa.uint64())
     return pa.table(cols)
+
+
+def vmr_columns(units: list[WorkUnit], rewards: np.ndarray, values: np.ndarray | None,
+                completion_rewards: np.ndarray | None) -> dict[str, pa.Array]:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    comp = rewards[:, None] if completion_rewards is None else np.asarray(completion_rewards, dtype=np.float64)
+    seeds = [list(s) for u in units
+             for s in zip(*[completion_seeds(u.seed, u.group_size, k) for k in range(1, comp.shape[1] + 1)])]
+    return {"value": pa.array(rewards if values is None else values, type=pa.float64()),
+            "completion_rewards": pa.array(list(comp), type=pa.list_(pa.float64())),
+            "completion_seeds": pa.array(seeds, type=pa.list_(pa.uint64()))}
 
 
 def write_step(run_dir: str | Path, step: int, table: pa.Table) -> Path:

@@ -22,6 +22,14 @@ def sample_seeds(seed: int, group_size: int) -> list[int]:
     return [(seed + 7919 * j) % 2**63 for j in range(group_size)]
 
 
+def completion_seeds(seed: int, group_size: int, k: int) -> list[int]:
+    """Per-sample seeds of completion k (1..K) of a unit's prefixes: k = 1 is the rollout itself (sample_seeds);
+    k >= 2 hash (unit seed, sample index, k), so every completion has its own stream."""
+    if k == 1:
+        return sample_seeds(seed, group_size)
+    return [unit_seed(seed, j, k) for j in range(group_size)]
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     uid: str                  # "<step>/<prompt index>"
@@ -42,3 +50,4 @@ class UnitResult:
     logprobs: np.ndarray      # (G, N_m) float32 old log-probs of scales 1..m
     version: int              # weight version the unit was sampled with
     worker: str               # which worker sampled it (for logs only)
+    completions: np.ndarray | None = None  # (G, K - 1, P, P, 3) uint8: completions 2..K of each prefix (VMR)

@@ -13,7 +13,7 @@ import torch
 from policy.io import Policy
 from policy.images import to_uint8
 from policy.sampler import SampleConfig, sample
-from rollout.units import UnitResult, WorkUnit, sample_seeds
+from rollout.units import UnitResult, WorkUnit, completion_seeds, sample_seeds
 
 
 class StaleWeightsError(RuntimeError):
@@ -21,7 +21,8 @@ class StaleWeightsError(RuntimeError):
 
 
 class RolloutWorkerImpl:
-    def __init__(self, policy_path: str, sample_cfg: dict, m: int, lora: dict | None = None, threads: int = 1):
+    def __init__(self, policy_path: str, sample_cfg: dict, m: int, lora: dict | None = None, threads: int = 1,
+                 completions: int = 1):
         torch.set_num_threads(threads)
         self.policy = Policy.load(policy_path)
         if lora:
@@ -31,6 +32,7 @@ class RolloutWorkerImpl:
         self.policy.model.eval()
         self.sample_cfg = SampleConfig(**sample_cfg)
         self.m = m
+        self.completions = completions  # K: completions per prefix (VMR); 1 = the rollout only
         self.version = 0  # the weights of policy_path
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -53,7 +55,19 @@ class RolloutWorkerImpl:
         out = sample(self.policy.model, self.policy.vq, [list(unit.text_ids)] * unit.group_size,
                      sample_seeds(unit.seed, unit.group_size), self.sample_cfg, m=self.m)
         return UnitResult(unit.uid, [c.numpy() for c in out.codes], to_uint8(out.images),
-                          out.logprobs.float().numpy(), self.version, self.name)
+                          out.logprobs.float().numpy(), self.version, self.name, self._complete(unit, out.codes))
+
+    def _complete(self, unit: WorkUnit, codes: list[torch.Tensor]):
+        """Completions 2..K of each sample's prefix (scales 1..m): (G, K - 1, P, P, 3) uint8, or None for K = 1."""
+        extra, g = self.completions - 1, unit.group_size
+        if extra < 1:
+            return None
+        seeds = [s for k in range(2, self.completions + 1) for s in completion_seeds(unit.seed, g, k)]
+        prefix = [c.repeat(extra, 1, 1) for c in codes[: self.m]]  # rows k-major: (k - 2) * G + j
+        out = sample(self.policy.model, self.policy.vq, [list(unit.text_ids)] * (g * extra), seeds,
+                     self.sample_cfg, m=self.m, prefix_codes=prefix)
+        images = to_uint8(out.images)
+        return images.reshape(extra, g, *images.shape[1:]).swapaxes(0, 1).copy()
 
 
 RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0)(RolloutWorkerImpl)

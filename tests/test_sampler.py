@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -102,3 +103,37 @@ def test_raster_sampler(model, vq):
     assert codes.shape == (2, 8, 8) and int(codes.max()) < 64
     imgs = sample_raster(model, vq, PROMPTS[:1], [0], SampleConfig())
     assert imgs.shape == (1, 3, 64, 64)
+
+
+def test_prefix_of_all_scales_reproduces_the_images(model, vq):
+    out = sample(model, vq, PROMPTS, [21, 22, 23], CFG, m=4)
+    forced = sample(model, vq, PROMPTS, [7, 8, 9], CFG, m=4, prefix_codes=out.codes)  # other seeds: no effect
+    assert all(torch.equal(x, y) for x, y in zip(out.codes, forced.codes))
+    assert torch.equal(out.images, forced.images)
+    assert (out.logprobs - forced.logprobs).abs().max() <= 1e-5  # log-probs of the given codes
+
+
+def test_prefix_with_the_rollouts_seed_reproduces_the_rollout(model, vq):
+    out = sample(model, vq, PROMPTS, [31, 32, 33], CFG, m=3)
+    for j in (1, 3, 5):
+        again = sample(model, vq, PROMPTS, [31, 32, 33], CFG, m=3, prefix_codes=out.codes[:j])
+        assert all(torch.equal(x, y) for x, y in zip(out.codes, again.codes))
+        assert torch.equal(out.images, again.images)
+
+
+def test_prefix_continuations_keep_the_prefix_and_vary_after_it(model, vq):
+    out = sample(model, vq, PROMPTS, [41, 42, 43], CFG, m=3)
+    other = sample(model, vq, PROMPTS, [1041, 1042, 1043], CFG, m=3, prefix_codes=out.codes[:3])
+    assert all(torch.equal(x, y) for x, y in zip(out.codes[:3], other.codes[:3]))
+    assert any(not torch.equal(x, y) for x, y in zip(out.codes[3:], other.codes[3:]))
+    # a continuation equals teacher forcing without a KV cache (the whole prefix recomputed)
+    nocache = sample(model, vq, PROMPTS, [1041, 1042, 1043], CFG, m=3, prefix_codes=out.codes[:3], use_cache=False)
+    assert all(torch.equal(x, y) for x, y in zip(other.codes, nocache.codes))
+
+
+def test_prefix_codes_are_checked(model, vq):
+    out = sample(model, vq, PROMPTS, [1, 2, 3], CFG, decode=False)
+    with pytest.raises(ValueError, match=r"prefix_codes\[0\]"):
+        sample(model, vq, PROMPTS[:2], [1, 2], CFG, prefix_codes=out.codes[:2])
+    with pytest.raises(ValueError, match="prefix_codes: 7 scales"):
+        sample(model, vq, PROMPTS, [1, 2, 3], CFG, prefix_codes=out.codes + out.codes[:1])

@@ -37,7 +37,7 @@ def test_rl_eval_command_scores_per_category(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "rl", "eval", str(SHIPPED / "policy"), "prompts_per_category=2",
+    proc = subprocess.run([sys.executable, "-m", "rl", "eval", str(SHIPPED / "policy"), "images_per_category=4",
                            f"out_dir={tmp_path}"], cwd=SHIPPED.parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     scores = json.loads((tmp_path / "scores.json").read_text())
