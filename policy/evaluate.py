@@ -176,7 +176,20 @@ def write_report(result: dict, images: np.ndarray, records: list[dict], out_dir:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scores.json").write_text(json.dumps({**result, "per_image": records}, indent=1))
     pick = grid_indices(len(images), grid_size)
-    return save_grid(images[pick], [grid_label(records[i]) for i in pick], out / "samples.png", cols=5)
+    labels = [grid_label(records[i]) for i in pick]
+    np.savez_compressed(out / "grid.npz", images=images[pick], labels=np.array(labels))
+    return save_grid(images[pick], labels, out / "samples.png", cols=5)
+
+
+def side_by_side(before_dir: str | Path, after_dir: str | Path, out: str | Path, pairs_per_row: int = 4) -> Path:
+    """One PNG: each grid image of two reports of one eval config (same prompts and seeds), before | after."""
+    b, a = np.load(Path(before_dir) / "grid.npz"), np.load(Path(after_dir) / "grid.npz")
+    if b["images"].shape != a["images"].shape:
+        raise ValueError("side_by_side: the two reports have different grids: compare two evals of one config")
+    images = np.stack([b["images"], a["images"]], axis=1).reshape(-1, *b["images"].shape[1:])
+    labels = [f"{tag}: {label}" for pair in zip(b["labels"], a["labels"]) for tag, label in zip(("before", "after"),
+                                                                                                pair)]
+    return save_grid(images, labels, Path(out), cols=2 * pairs_per_row)
 
 
 def _with_ci(name: str, value: float, ci: dict, digits: int) -> str:

@@ -30,6 +30,7 @@ REGISTRY: dict[str, str | Callable] = {  # name -> import path (imported on firs
     "verifier": "rewards.builtin:VerifierReward",
     "clip_score": "rewards.builtin:ClipScore",
     "http": "rewards.builtin:HttpReward",
+    "colour_fraction": "rewards.builtin:ColourFraction",
 }
 
 

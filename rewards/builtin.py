@@ -1,4 +1,4 @@
-"""Built-in rewards: the shapes verifier, CLIP score (open_clip), and a remote HTTP reward.
+"""Built-in rewards: the shapes verifier, CLIP score (open_clip), a remote HTTP reward, and a colour fraction.
 
 Each is a class: constructed once with its config, then called per batch as
 `reward(images (B, H, W, 3) uint8, prompts [B], metadata [B]) -> {"score": (B,), <sub-score>: (B,), ...}`.
@@ -44,6 +44,26 @@ class VerifierReward:
             checks.append(score(img, Spec.from_json(meta["spec"]), self.judge))
         main = [partial_credit(c) if self.mode == "partial" else float(c["all"]) for c in checks]
         return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in CHECKS}}
+
+
+def colour_fraction(images: np.ndarray, rgb: tuple[int, int, int], max_dist: float = 90.0) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B,): the fraction of each image's pixels within `max_dist` (RGB) of `rgb`."""
+    d = np.linalg.norm(images.astype(np.float32) - np.asarray(rgb, dtype=np.float32), axis=-1)
+    return (d <= max_dist).mean(axis=(1, 2))
+
+
+class ColourFraction:
+    """The easy reward of the learning test: how much of the image is one palette colour (default red)."""
+
+    def __init__(self, colour: str = "red"):
+        from policy.shapes import PALETTE
+
+        if colour not in PALETTE:
+            raise ValueError(f"colour must be one of {sorted(PALETTE)}, got {colour!r}")
+        self.rgb = PALETTE[colour]
+
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> np.ndarray:
+        return colour_fraction(images, self.rgb)
 
 
 class ClipScore:

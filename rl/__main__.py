@@ -38,6 +38,9 @@ def cmd_train(argv: list[str]) -> int:
 
         print(f"held-out score before: {format_scores(summary['eval_before'])}")
         print(f"held-out score after:  {format_scores(summary['eval_after'])}")
+        for key, d in summary.get("paired", {}).items():
+            print(f"paired change ({key}, {d['n']} images, same prompts and seeds): {d['diff']:+.3f} "
+                  f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (gained {d['gained']}, lost {d['lost']})")
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval")}))
     return 0
 

@@ -63,6 +63,7 @@ class LoggingSettings(_Strict):
 class EvalSettings(_Strict):
     enabled: bool = True                         # held-out verifier score before the first and after the last step
     images_per_category: int = Field(96, ge=1)   # held-out prompts repeated cyclically (new seeds) to this many
+    every: int = Field(0, ge=0)                  # also every N steps (0: never); all evals go to RUN/eval_curve.jsonl
 
 
 class RunConfig(_Strict):

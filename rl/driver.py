@@ -236,16 +236,17 @@ class Driver:
         return path
 
     # ------------------------------------------------------------------ evaluation and export
-    def export_policy(self) -> Path:
+    def export_policy(self, name: str = "final_policy") -> Path:
         """The current policy as a policy directory (LoRA adapters merged): RUN/final_policy."""
         from policy.io import Policy
         from rl.weights import export_policy
 
-        out = self.run_dir / "final_policy"
+        out = self.run_dir / name
         export_policy(Policy.load(self.cfg.policy_path), self.learner.trainable_state(), self.cfg.learner.lora, out)
         return out
 
-    def evaluate(self, policy_dir: str | Path, tag: str) -> dict:
+    def evaluate(self, policy_dir: str | Path, tag: str, step: int) -> dict:
+        """Held-out score of a policy directory (RUN/eval_TAG/); one line of RUN/eval_curve.jsonl per call."""
         from policy.evaluate import EvalConfig, evaluate, write_report
         from policy.io import Policy
 
@@ -254,7 +255,25 @@ class Driver:
                           seed=self.cfg.seed + 777)
         result, images, records = evaluate(Policy.load(policy_dir), ecfg, desc=f"eval {tag}")
         write_report(result, images, records, self.run_dir / f"eval_{tag}", ecfg.grid_size)
+        with open(self.run_dir / "eval_curve.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "tag": tag, **result}) + "\n")
         return result
+
+    def compare_before_after(self) -> dict:
+        """Paired change of each verdict (same prompts and seeds) and RUN/before_after.png, side by side."""
+        from policy.evaluate import paired_comparison, side_by_side
+
+        before, after = self.run_dir / "eval_before", self.run_dir / "eval_after"
+        side_by_side(before, after, self.run_dir / "before_after.png")
+        b, a = (json.loads((d / "scores.json").read_text()) for d in (before, after))
+        return {key: paired_comparison(b, a, key) for key in ("strict", "template")}
+
+    def periodic_eval(self, step: int) -> None:
+        """eval.every: the learner's current weights on the held-out set, between steps."""
+        self.doing = f"the held-out evaluation at step {step}"
+        with self._writing(self.doing):
+            result = self.evaluate(self.export_policy("eval_policy"), f"step_{step}", step)
+            self.tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -264,7 +283,7 @@ class Driver:
         try:
             self._start(state, ckpt)
             if self.cfg.eval.enabled and not state.eval_before:
-                state.eval_before = self.evaluate(self.cfg.policy_path, "before")
+                state.eval_before = self.evaluate(self.cfg.policy_path, "before", 0)
                 with self._writing("metrics.jsonl"):
                     self.tracker.log(state.step, {f"eval/before/{k}": v for k, v in state.eval_before.items()})
             bar = tqdm(total=self.cfg.steps, initial=state.step, desc=f"prefix-GRPO {self.cfg.name}", unit="step")
@@ -284,6 +303,9 @@ class Driver:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", workers=self.pool.size)
             if state.step % cfg.checkpoint.every == 0 or state.step == cfg.steps or stop.stop:
                 self.checkpoint(state)
+            e = cfg.eval
+            if e.enabled and e.every and state.step % e.every == 0 and state.step < cfg.steps and not stop.stop:
+                self.periodic_eval(state.step)
             if stop.stop:
                 print(f"stopping on signal after step {state.step} (checkpoint written)", flush=True)
                 return {"stopped_at": state.step}
@@ -292,8 +314,9 @@ class Driver:
             summary = {"steps": state.step, "eval_before": state.eval_before, "final_policy": str(self.export_policy())}
         if cfg.eval.enabled:
             with self._writing("eval_after"):
-                summary["eval_after"] = self.evaluate(summary["final_policy"], "after")
+                summary["eval_after"] = self.evaluate(summary["final_policy"], "after", state.step)
                 self.tracker.log(state.step, {f"eval/after/{k}": v for k, v in summary["eval_after"].items()})
+                summary["paired"] = self.compare_before_after()
         with self._writing("summary.json"):
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary

@@ -133,3 +133,8 @@ def test_evaluate_and_report_with_rendered_images(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different"):
         paired_comparison(before, after)
     assert grid_indices(480, 20).tolist() == grid_indices(480, 20).tolist() and len(grid_indices(3, 20)) == 3
+    pair = ev.side_by_side(tmp_path / "before", tmp_path / "after", tmp_path / "before_after.png", pairs_per_row=5)
+    from PIL import Image
+
+    width, _ = Image.open(pair).size
+    assert width == 10 * (64 * 2 + 4) + 4  # 5 before|after pairs per row at zoom 2

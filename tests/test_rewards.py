@@ -280,3 +280,17 @@ def _jpeg_bytes() -> bytes:
     Image.new("RGB", (8, 8)).save(buf, format="JPEG")
     return buf.getvalue()
 
+
+
+def test_colour_fraction_counts_pixels_near_the_colour():
+    from rewards.base import load_reward
+    from rewards.builtin import colour_fraction
+
+    img = np.full((2, 4, 4, 3), 245, dtype=np.uint8)
+    img[0, :2] = (220, 40, 40)          # half red
+    img[1, 0, 0] = (200, 60, 60)        # one reddish pixel (distance 34.6 <= 90)
+    np.testing.assert_allclose(colour_fraction(img, (220, 40, 40)), [0.5, 1 / 16])
+    reward = load_reward("colour_fraction", {"colour": "red"})
+    np.testing.assert_allclose(reward(img, ["a", "b"], [{}, {}]), [0.5, 1 / 16])
+    with pytest.raises(Exception, match="colour_fraction.*colour must be one of"):
+        load_reward("colour_fraction", {"colour": "pink"})
