@@ -23,7 +23,7 @@ from policy.shapes import BACKGROUND, PALETTE, SHAPES, Spec, relation_holds, sha
 MIN_AREA = 30          # blobs smaller than this are noise (the smallest rendered object covers ~45 px)
 MAX_AREA = 400         # blobs larger than this are not one object (rendered objects are at most 16x16)
 MAX_COLOUR_DIST = 90   # RGB distance to the nearest palette colour; farther is background / noise
-TEMPLATE_IOU = 0.8      # template judge: the best template must overlap the blob at least this much ...
+TEMPLATE_IOU = 0.8     # template judge: the best template must overlap the blob at least this much ...
 TEMPLATE_MARGIN = 0.05  # ... and beat the runner-up by this much (a blob between circle and square is "other")
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[n] for n in _NAMES] + [BACKGROUND], dtype=np.float32)  # (C+1, 3)
