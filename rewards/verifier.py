@@ -25,6 +25,8 @@ MAX_AREA = 400         # blobs larger than this are not one object (rendered obj
 MAX_COLOUR_DIST = 90   # RGB distance to the nearest palette colour; farther is background / noise
 TEMPLATE_IOU = 0.8     # template judge: the best template must overlap the blob at least this much ...
 TEMPLATE_MARGIN = 0.05  # ... and beat the runner-up by this much (a blob between circle and square is "other")
+OBJECT_SIDE = (12, 20)  # px: every rendered object's box is 16 (triangles 15) on a side
+FILL_BANDS = {"square": (0.93, 1.0), "circle": (0.74, 0.89), "triangle": (0.45, 0.62)}  # else "other"
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[n] for n in _NAMES] + [BACKGROUND], dtype=np.float32)  # (C+1, 3)
 
@@ -77,16 +79,15 @@ def _object_box(points: np.ndarray) -> tuple[int, int] | None:
 
 
 def classify_shape(points: np.ndarray) -> str:
-    """Shape from the fill ratio of its bounding box; "other" unless the box is about square and object-sized."""
+    """Shape from the fill ratio of its bounding box (a band around the rendered shape's: circle 0.81, triangle
+    0.53, square 1); "other" outside the bands, or unless the box is about square and object-sized (16 +- 4 px)."""
     box = _object_box(points)
     if box is None:
         return "other"
+    if not all(OBJECT_SIDE[0] <= side <= OBJECT_SIDE[1] for side in box):
+        return "other"
     fill = len(points) / float(box[0] * box[1])
-    if fill > 0.9:
-        return "square"
-    if fill > 0.65:
-        return "circle"
-    return "triangle"
+    return next((shape for shape, (lo, hi) in FILL_BANDS.items() if lo <= fill <= hi), "other")
 
 
 def blob_mask(points: np.ndarray) -> np.ndarray:

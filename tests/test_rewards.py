@@ -92,7 +92,7 @@ def test_load_by_registry_import_path_and_errors(monkeypatch):
     np.testing.assert_allclose(fn(batch.images, batch.prompts, batch.metadata), 2 * brightness(batch.images, [], []))
     register("bright", brightness)
     assert load_reward("bright") is brightness
-    with pytest.raises(RewardError, match=r"^reward 'nope': unknown: not a built-in \(bright, clip_score, http, "):
+    with pytest.raises(RewardError, match=r"^reward 'nope': unknown: not a built-in \(bright, clip_score, colour_fraction, http, "):
         load_reward("nope")
     with pytest.raises(RewardError, match=r"^reward 'no_such_pkg:f': cannot import 'no_such_pkg'"):
         load_reward("no_such_pkg:f")
