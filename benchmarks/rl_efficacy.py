@@ -1,0 +1,173 @@
+"""Does prefix-GRPO make the shipped tiny policy better? The long run (3 seeds) and the m-ablation (with VMR).
+
+Every run is a real `python -m rl train` (local Ray, Serve reward service, DeepSpeed learner) of
+configs/shapes-efficacy.yaml with the held-out evaluation (policy.evaluate: 96 images per category, the same
+(prompt, seed) pairs at every evaluation) every `eval.every` steps. Figures carry 95% Wilson intervals; a
+difference whose intervals overlap is reported as no difference.
+
+    .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
+    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 60] [--seed 0]
+    .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
+
+Runs go to runs/efficacy/NAME; tables, JSON and PNGs to benchmarks/results/rl_efficacy* and rl_ablation*.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import OUT, ROOT, md_table, write_result
+
+from policy.evaluate import wilson_interval
+from policy.shapes import CATEGORIES
+
+CONFIG = ROOT / "configs" / "shapes-efficacy.yaml"
+RUNS = ROOT / "runs" / "efficacy"
+KEYS = ["overall", *CATEGORIES]
+
+
+def train(name: str, overrides: list[str]) -> dict:
+    """One `rl train` run (skipped when its summary exists); returns its record: evals, metrics, wall time."""
+    run_dir = RUNS / name
+    if not (run_dir / "summary.json").exists():
+        t = time.perf_counter()
+        cmd = [sys.executable, "-m", "rl", "train", str(CONFIG), f"name={name}", f"runs_dir={RUNS}", *overrides]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
+    return load_run(run_dir)
+
+
+def load_run(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    curve = [json.loads(line) for line in (run_dir / "eval_curve.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [m for m in metrics if "reward/mean" in m]
+    cpu = [m["learner/cpu_seconds"] for m in steps if "learner/cpu_seconds" in m]
+    wall = run_dir / "wall_seconds.txt"
+    return {"name": run_dir.name, "before": summary["eval_before"], "after": summary["eval_after"], "curve": curve,
+            "reward": [(m["step"], m["reward/mean"]) for m in steps],
+            "learner_cpu_s": sum(cpu) / max(1, len(cpu)), "step_s": sum(m["time/step"] for m in steps) / len(steps),
+            "wall_s": float(wall.read_text()) if wall.exists() else float("nan")}
+
+
+def pooled(results: list[dict], key: str) -> tuple[float, float, float]:
+    """Rate and 95% Wilson interval of `key` over the images of several evaluations pooled together."""
+    k = sum(round(r[key] * r["counts"][key]) for r in results)
+    n = sum(r["counts"][key] for r in results)
+    lo, hi = wilson_interval(k, n)
+    return k / n, lo, hi
+
+
+def cell(rate: float, lo: float, hi: float) -> str:
+    return f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def verdict(before: tuple, after: tuple) -> str:
+    if after[1] > before[2]:
+        return "better"
+    if after[2] < before[1]:
+        return "worse"
+    return "no difference (intervals overlap)"
+
+
+# ------------------------------------------------------------------------------------------------ long run
+def long_run(seeds: list[int], steps: int, eval_every: int) -> None:
+    runs = [train(f"long-seed{s}", [f"seed={s}", f"steps={steps}", f"eval.every={eval_every}"]) for s in seeds]
+    rows = []
+    for label, part in (("before (shipped policy)", "before"), (f"after {steps} steps", "after")):
+        rows.append([label] + [cell(*pooled([r[part] for r in runs], k)) for k in KEYS]
+                    + [cell(*pooled([r[part]["template"] for r in runs], "overall"))])
+    b, a = pooled([r["before"] for r in runs], "overall"), pooled([r["after"] for r in runs], "overall")
+    per_seed = [[r["name"], cell(*pooled([r["before"]], "overall")), cell(*pooled([r["after"]], "overall")),
+                 f"{r['after']['overall'] - r['before']['overall']:+.3f}", f"{r['wall_s'] / 60:.1f}"] for r in runs]
+    table = (f"Held-out strict score, {len(seeds)} seeds x {runs[0]['after']['num_images']} images pooled "
+             f"(95% Wilson intervals); last column: the template-overlap judge (not the training reward).\n\n"
+             + md_table(["policy", *KEYS, "template judge"], rows)
+             + f"\nMean gain {a[0] - b[0]:+.3f}: {verdict(b, a)}.\n\n"
+             + md_table(["run", "before", "after", "gain", "wall min"], per_seed))
+    plot_long(runs, OUT / "rl_efficacy.png")
+    write_result("rl_efficacy", {"runs": runs, "before": b, "after": a}, table)
+
+
+def plot_long(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        pts = [(0, r["before"])] + [(c["step"], c) for c in r["curve"]]
+        xs = [s for s, _ in pts]
+        ax1.plot(xs, [c["overall"] for _, c in pts], marker="o", label=r["name"])
+        ax1.fill_between(xs, [c["ci"]["overall"][0] for _, c in pts], [c["ci"]["overall"][1] for _, c in pts],
+                         alpha=0.15)
+        ax2.plot(*zip(*r["reward"]), label=r["name"])
+    ax1.set(xlabel="step", ylabel="held-out strict overall (95% CI)", title="held-out score")
+    ax2.set(xlabel="step", ylabel="mean training reward", title="reward curve")
+    ax1.legend(), ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ------------------------------------------------------------------------------------------------ m-ablation
+def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int) -> None:
+    base = [f"seed={seed}", f"steps={steps}", "eval.every=0"]
+    runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), train(f"ablation-m{m}-seed{seed}",
+                                                                         base + [f"m={m}"])) for m in ms]
+    if vmr_m is not None:
+        runs.append((f"m={vmr_m} + VMR (K=2, eta=1)",
+                     train(f"ablation-m{vmr_m}-vmr-seed{seed}", base + [f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"])))
+    before = pooled([runs[0][1]["before"]], "overall")
+    full_cpu = next(r["learner_cpu_s"] for label, r in runs if label.endswith("(full GRPO)"))
+    rows = [["shipped policy", cell(*before), "", "", "", ""]]
+    for label, r in runs:
+        after = pooled([r["after"]], "overall")
+        rows.append([label, cell(*after), f"{after[0] - before[0]:+.3f}", f"{r['learner_cpu_s']:.2f}",
+                     f"{r['learner_cpu_s'] / full_cpu:.2f}", f"{r['wall_s'] / 60:.1f}"])
+    table = (f"m-ablation: {steps} steps, seed {seed}, the same prompts and seeds for every m; held-out strict "
+             f"overall with 95% Wilson intervals over {runs[0][1]['after']['num_images']} images.\n\n"
+             + md_table(["run", "held-out strict", "gain", "learner CPU-s / step", "vs full", "wall min"], rows))
+    plot_ablation(runs, OUT / "rl_ablation.png")
+    write_result("rl_ablation", {"runs": dict(runs), "before": before}, table)
+
+
+def plot_ablation(runs: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, r in runs:
+        rate, lo, hi = pooled([r["after"]], "overall")
+        ax.errorbar(r["learner_cpu_s"], rate, yerr=[[rate - lo], [hi - rate]], fmt="o", capsize=3, label=label)
+    rate, lo, hi = pooled([runs[0][1]["before"]], "overall")
+    ax.axhspan(lo, hi, color="grey", alpha=0.2, label="shipped policy (95% CI)")
+    ax.set(xlabel="learner CPU-seconds per step", ylabel="held-out strict overall", title="prefix length m")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["long", "ablation", "report"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    ap.add_argument("--vmr-m", type=int, default=2)
+    args = ap.parse_args()
+    if args.mode in ("long", "report"):
+        long_run(args.seeds, args.steps or 150, args.eval_every)
+    if args.mode in ("ablation", "report"):
+        ablation(args.ms, args.vmr_m, args.steps or 60, args.seed)
+
+
+if __name__ == "__main__":
+    main()
