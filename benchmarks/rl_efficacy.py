@@ -6,7 +6,7 @@ configs/shapes-efficacy.yaml with the held-out evaluation (policy.evaluate: 96 i
 difference whose intervals overlap is reported as no difference.
 
     .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
-    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 60] [--seed 0]
+    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 6] [--vmr-m 2] [--steps 100] [--seed 0]
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
 
 Runs go to runs/efficacy/NAME; tables, JSON and PNGs to benchmarks/results/rl_efficacy* and rl_ablation*.
@@ -28,6 +28,7 @@ from policy.shapes import CATEGORIES
 CONFIG = ROOT / "configs" / "shapes-efficacy.yaml"
 RUNS = ROOT / "runs" / "efficacy"
 KEYS = ["overall", *CATEGORIES]
+CONFIG_M = 4  # m of configs/shapes-efficacy.yaml
 
 
 def train(name: str, overrides: list[str]) -> dict:
@@ -94,6 +95,11 @@ def long_run(seeds: list[int], steps: int, eval_every: int) -> None:
     write_result("rl_efficacy", {"runs": runs, "before": b, "after": a}, table)
 
 
+def moving_average(xs, window: int) -> list[float]:
+    """Mean of the last `window` values at each position (fewer at the start)."""
+    return [sum(xs[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(xs))]
+
+
 def plot_long(runs: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -106,7 +112,9 @@ def plot_long(runs: list[dict], path: Path) -> None:
         ax1.plot(xs, [c["overall"] for _, c in pts], marker="o", label=r["name"])
         ax1.fill_between(xs, [c["ci"]["overall"][0] for _, c in pts], [c["ci"]["overall"][1] for _, c in pts],
                          alpha=0.15)
-        ax2.plot(*zip(*r["reward"]), label=r["name"])
+        steps, reward = zip(*r["reward"])
+        line, = ax2.plot(steps, reward, alpha=0.3)
+        ax2.plot(steps, moving_average(reward, 10), color=line.get_color(), label=f"{r['name']} (10-step mean)")
     ax1.set(xlabel="step", ylabel="held-out strict overall (95% CI)", title="held-out score")
     ax2.set(xlabel="step", ylabel="mean training reward", title="reward curve")
     ax1.legend(), ax2.legend()
@@ -115,10 +123,24 @@ def plot_long(runs: list[dict], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ m-ablation
+def ablation_run(m: int, steps: int, seed: int, base: list[str]) -> dict:
+    """The config's own m at a step the long run evaluated is the long run cut there (the evaluations between
+    steps do not change training: rollout seeds belong to units), so it is not run twice."""
+    long_dir = RUNS / f"long-seed{seed}"
+    if m == CONFIG_M and (long_dir / "summary.json").exists():
+        run = load_run(long_dir)
+        at = [c for c in run["curve"] if c["step"] == steps]
+        if at:
+            cpu = [json.loads(x) for x in (long_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            cpu = [r["learner/cpu_seconds"] for r in cpu if "learner/cpu_seconds" in r and r["step"] <= steps]
+            return run | {"after": at[0], "learner_cpu_s": sum(cpu) / len(cpu),
+                          "wall_s": run["wall_s"] * steps / len(run["reward"])}
+    return train(f"ablation-m{m}-seed{seed}", base + [f"m={m}"])
+
+
 def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int) -> None:
     base = [f"seed={seed}", f"steps={steps}", "eval.every=0"]
-    runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), train(f"ablation-m{m}-seed{seed}",
-                                                                         base + [f"m={m}"])) for m in ms]
+    runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), ablation_run(m, steps, seed, base)) for m in ms]
     if vmr_m is not None:
         runs.append((f"m={vmr_m} + VMR (K=2, eta=1)",
                      train(f"ablation-m{vmr_m}-vmr-seed{seed}", base + [f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"])))
@@ -160,13 +182,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 6])
     ap.add_argument("--vmr-m", type=int, default=2)
     args = ap.parse_args()
     if args.mode in ("long", "report"):
         long_run(args.seeds, args.steps or 150, args.eval_every)
     if args.mode in ("ablation", "report"):
-        ablation(args.ms, args.vmr_m, args.steps or 60, args.seed)
+        ablation(args.ms, args.vmr_m, args.steps or 100, args.seed)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,17 @@ def test_interleaved_order_and_counts():
 
 def test_md_table():
     assert md_table(["x", "y"], [[1, "z"]]) == "| x | y |\n|---|---|\n| 1 | z |\n"
+
+
+def test_rl_efficacy_pooling_verdict_and_moving_average():
+    from rl_efficacy import moving_average, pooled, verdict
+
+    from policy.evaluate import wilson_interval
+
+    runs = [{"overall": 0.25, "counts": {"overall": 8}}, {"overall": 0.5, "counts": {"overall": 4}}]
+    rate, lo, hi = pooled(runs, "overall")  # 2 + 2 of 12 images pooled
+    assert rate == pytest.approx(4 / 12) and (lo, hi) == pytest.approx(wilson_interval(4, 12))
+    assert verdict((0.1, 0.05, 0.15), (0.3, 0.2, 0.4)) == "better"
+    assert verdict((0.3, 0.2, 0.4), (0.1, 0.05, 0.15)) == "worse"
+    assert verdict((0.1, 0.05, 0.2), (0.15, 0.1, 0.25)).startswith("no difference")
+    assert moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5] and moving_average([5], 10) == [5]
