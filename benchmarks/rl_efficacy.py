@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import OUT, ROOT, md_table, write_result
 
-from policy.evaluate import wilson_interval
+from policy.evaluate import paired_difference, wilson_interval
 from policy.shapes import CATEGORIES
 
 CONFIG = ROOT / "configs" / "shapes-efficacy.yaml"
@@ -64,6 +64,18 @@ def pooled(results: list[dict], key: str) -> tuple[float, float, float]:
     return k / n, lo, hi
 
 
+def pooled_paired(runs: list[dict], key: str) -> dict:
+    """Paired change of the per-image verdict `key` (after - before, same prompts and seeds) over all runs' images."""
+    before, after = [], []
+    for r in runs:
+        b, a = (json.loads((RUNS / r["name"] / f"eval_{t}" / "scores.json").read_text()) for t in ("before", "after"))
+        if [(x["prompt"], x["seed"]) for x in b["per_image"]] != [(x["prompt"], x["seed"]) for x in a["per_image"]]:
+            raise ValueError(f"{r['name']}: before and after judged different (prompt, seed) pairs")
+        before += [x[key] for x in b["per_image"]]
+        after += [x[key] for x in a["per_image"]]
+    return paired_difference(before, after)
+
+
 def cell(rate: float, lo: float, hi: float) -> str:
     return f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -84,15 +96,19 @@ def long_run(seeds: list[int], steps: int, eval_every: int) -> None:
         rows.append([label] + [cell(*pooled([r[part] for r in runs], k)) for k in KEYS]
                     + [cell(*pooled([r[part]["template"] for r in runs], "overall"))])
     b, a = pooled([r["before"] for r in runs], "overall"), pooled([r["after"] for r in runs], "overall")
+    paired = {k: pooled_paired(runs, k) for k in ("strict", "template")}
     per_seed = [[r["name"], cell(*pooled([r["before"]], "overall")), cell(*pooled([r["after"]], "overall")),
                  f"{r['after']['overall'] - r['before']['overall']:+.3f}", f"{r['wall_s'] / 60:.1f}"] for r in runs]
     table = (f"Held-out strict score, {len(seeds)} seeds x {runs[0]['after']['num_images']} images pooled "
              f"(95% Wilson intervals); last column: the template-overlap judge (not the training reward).\n\n"
              + md_table(["policy", *KEYS, "template judge"], rows)
-             + f"\nMean gain {a[0] - b[0]:+.3f}: {verdict(b, a)}.\n\n"
+             + f"\nMean gain {a[0] - b[0]:+.3f}: {verdict(b, a)}. Paired over the same {paired['strict']['n']} "
+             + "(prompt, seed) pairs: " + "; ".join(
+                 f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, {d['lost']} lost)"
+                 for k, d in paired.items()) + ".\n\n"
              + md_table(["run", "before", "after", "gain", "wall min"], per_seed))
     plot_long(runs, OUT / "rl_efficacy.png")
-    write_result("rl_efficacy", {"runs": runs, "before": b, "after": a}, table)
+    write_result("rl_efficacy", {"runs": runs, "before": b, "after": a, "paired": paired}, table)
 
 
 def moving_average(xs, window: int) -> list[float]:
