@@ -76,6 +76,11 @@ def pooled_paired(runs: list[dict], key: str) -> dict:
     return paired_difference(before, after)
 
 
+def verdicts(run: dict, tag: str) -> list[int]:
+    scores = json.loads((RUNS / run["name"] / tag / "scores.json").read_text())
+    return [x["strict"] for x in scores["per_image"]]
+
+
 def cell(rate: float, lo: float, hi: float) -> str:
     return f"{rate:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -149,7 +154,7 @@ def ablation_run(m: int, steps: int, seed: int, base: list[str]) -> dict:
         if at:
             cpu = [json.loads(x) for x in (long_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
             cpu = [r["learner/cpu_seconds"] for r in cpu if "learner/cpu_seconds" in r and r["step"] <= steps]
-            return run | {"after": at[0], "learner_cpu_s": sum(cpu) / len(cpu),
+            return run | {"after": at[0], "learner_cpu_s": sum(cpu) / len(cpu), "after_dir": f"eval_step_{steps}",
                           "wall_s": run["wall_s"] * steps / len(run["reward"])}
     return train(f"ablation-m{m}-seed{seed}", base + [f"m={m}"])
 
@@ -162,14 +167,17 @@ def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int) -> None:
                      train(f"ablation-m{vmr_m}-vmr-seed{seed}", base + [f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"])))
     before = pooled([runs[0][1]["before"]], "overall")
     full_cpu = next(r["learner_cpu_s"] for label, r in runs if label.endswith("(full GRPO)"))
+    base = verdicts(runs[0][1], "eval_before")
     rows = [["shipped policy", cell(*before), "", "", "", ""]]
     for label, r in runs:
         after = pooled([r["after"]], "overall")
-        rows.append([label, cell(*after), f"{after[0] - before[0]:+.3f}", f"{r['learner_cpu_s']:.2f}",
-                     f"{r['learner_cpu_s'] / full_cpu:.2f}", f"{r['wall_s'] / 60:.1f}"])
+        d = paired_difference(base, verdicts(r, r.get("after_dir", "eval_after")))
+        rows.append([label, cell(*after), f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]",
+                     f"{r['learner_cpu_s']:.2f}", f"{r['learner_cpu_s'] / full_cpu:.2f}", f"{r['wall_s'] / 60:.1f}"])
     table = (f"m-ablation: {steps} steps, seed {seed}, the same prompts and seeds for every m; held-out strict "
              f"overall with 95% Wilson intervals over {runs[0][1]['after']['num_images']} images.\n\n"
-             + md_table(["run", "held-out strict", "gain", "learner CPU-s / step", "vs full", "wall min"], rows))
+             + md_table(["run", "held-out strict", "paired gain vs shipped", "learner CPU-s / step", "vs full",
+                         "wall min"], rows))
     plot_ablation(runs, OUT / "rl_ablation.png")
     write_result("rl_ablation", {"runs": dict(runs), "before": before}, table)
 
