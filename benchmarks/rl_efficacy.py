@@ -6,7 +6,7 @@ configs/shapes-efficacy.yaml with the held-out evaluation (policy.evaluate: 96 i
 difference whose intervals overlap is reported as no difference.
 
     .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
-    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 6] [--vmr-m 2] [--steps 100] [--seed 0]
+    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 100] [--seed 0]
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
 
 Runs go to runs/efficacy/NAME; tables, JSON and PNGs to benchmarks/results/rl_efficacy* and rl_ablation*.
@@ -206,7 +206,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 6])
+    ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     ap.add_argument("--vmr-m", type=int, default=2)
     args = ap.parse_args()
     if args.mode in ("long", "report"):
