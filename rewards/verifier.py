@@ -1,10 +1,10 @@
 """Deterministic GenEval-style verifier for the shapes world.
 
 `detect(image)` finds coloured blobs (nearest palette colour, connected components) and classifies each blob's
-shape by how much of its bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2). `score(image, spec)`
-turns the detections into per-check results: object, colour, count, position (and two-object for two-object
-prompts). Nothing here is learned, but the fill ratio is lenient: a policy can game it (a blob of the right fill
-passes whatever its outline).
+shape by how much of its object-sized bounding box it fills (FILL_BANDS around the rendered square 1, circle 0.81,
+triangle 0.53). `score(image, spec)` turns the detections into per-check results: object, colour, count, position
+(and two-object for two-object prompts). Nothing here is learned, but a fill ratio says nothing of the outline: a
+blob of the right fill passes whatever its shape.
 
 A second, stricter judge (`judge="template"`) classifies a blob by the IoU of its pixel mask with the ideal
 circle / square / triangle drawn at the blob's bounding box (`classify_template`); all checks are shared. Use it
@@ -172,7 +172,7 @@ def _matches(blob: Blob, shape: str, colour: str | None) -> bool:
 def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str] = "fill") -> dict[str, bool]:
     """Per-check results for one image; key "all" is the strict verdict (every check passed).
 
-    `judge`: "fill" (the lenient bounding-box fill ratio, the training reward) or "template" (template IoU).
+    `judge`: "fill" (the bounding-box fill ratio, the training reward) or "template" (template IoU).
     """
     blobs = detect(image, judge)
     checks: dict[str, bool] = {}

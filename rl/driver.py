@@ -69,6 +69,15 @@ def resume_hint(run_dir: Path) -> str:
     return f"rerun with resume=true to continue from checkpoint step {int(ckpt.name.split('_')[1])}"
 
 
+def trim_eval_curve(path: Path, step: int) -> None:
+    """On resume, drop the held-out evaluations a dead driver logged after the checkpoint it resumes from."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
 def last_line(e: BaseException) -> str:
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"
@@ -142,7 +151,9 @@ class Driver:
         if ckpt is None:
             return DriverState(), None
         check_learner_checkpoint(ckpt / "learner")  # a damaged checkpoint is one line before anything starts
-        return DriverState(**load_state(ckpt)), ckpt
+        state = DriverState(**load_state(ckpt))
+        trim_eval_curve(self.run_dir / "eval_curve.jsonl", state.step)
+        return state, ckpt
 
     def _start(self, state: DriverState, ckpt: Path | None) -> None:
         from policy.io import Policy

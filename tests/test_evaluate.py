@@ -138,3 +138,14 @@ def test_evaluate_and_report_with_rendered_images(tmp_path, monkeypatch):
 
     width, _ = Image.open(pair).size
     assert width == 10 * (64 * 2 + 4) + 4  # 5 before|after pairs per row at zoom 2
+
+
+def test_resume_drops_evaluations_logged_after_the_checkpoint(tmp_path):
+    from rl.driver import trim_eval_curve
+
+    path = tmp_path / "eval_curve.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "overall": s / 10}) + "\n" for s in (0, 5, 10, 15)))
+    trim_eval_curve(path, 10)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 5, 10]
+    trim_eval_curve(tmp_path / "missing.jsonl", 3)  # no curve yet: nothing to do
+    assert not (tmp_path / "missing.jsonl").exists()
