@@ -157,9 +157,9 @@ QWEN7B_BACKBONE = dict(hidden_size=3584, intermediate_size=18944, num_hidden_lay
 
 
 def update_bytes(cfg: NextScaleConfig, dtype=torch.bfloat16, lora=None) -> dict[str, int]:
-    """Bytes of one weight update of a model of `cfg` in `dtype`: every weight vs the LoRA adapters (rl.weights
+    """Bytes of one weight update of a model of `cfg` in `dtype`: every weight vs the LoRA adapters (policy.weights
     LoraSettings, defaults r = 8 on the 7 Qwen2 linears); built on the meta device, nothing allocated."""
-    from rl.weights import LORA_KEY, LoraSettings, apply_lora, state_bytes
+    from policy.weights import LORA_KEY, LoraSettings, apply_lora, state_bytes
 
     with torch.device("meta"):
         state = apply_lora(NextScaleLM(cfg), lora or LoraSettings()).to(dtype).state_dict()

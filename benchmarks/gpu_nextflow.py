@@ -153,9 +153,10 @@ def efficiency_rows(model, vq, sizes: Sizes, sync, device, dtype) -> tuple[list,
 
 
 def learner_rows(model, vq, sizes: Sizes, sync, device) -> tuple[list, dict]:
-    from rl.grpo import GRPOLossConfig, prefix_grpo_loss
+    from rl.config import GRPOLossConfig
+    from rl.grpo import prefix_grpo_loss
     from rl.learner import LearnerConfig, PrefixScorer, adamw
-    from rl.weights import LoraSettings, apply_lora
+    from policy.weights import LoraSettings, apply_lora
 
     sched, rows = model.schedule, sizes.learner_rows
     model.backbone.activation_checkpointing_enable({"use_reentrant": False})
@@ -189,7 +190,7 @@ def learner_rows(model, vq, sizes: Sizes, sync, device) -> tuple[list, dict]:
 
 def bytes_rows(model) -> tuple[list, dict]:
     b = update_bytes(model.cfg, next(model.parameters()).dtype)
-    return [["weight update bytes, LoRA r = 8 (rl.weights defaults)", f"{b['full'] / 2**30:.3g} GiB vs "
+    return [["weight update bytes, LoRA r = 8 (policy.weights defaults)", f"{b['full'] / 2**30:.3g} GiB vs "
              f"{b['lora'] / 2**20:.3g} MiB", f"{100 * b['lora'] / b['full']:.2f} %", "goal <= 2 %"]], b
 
 

@@ -25,7 +25,7 @@ from common import cpu_threads, fmt, goal_cell, md_table, policy_dir, prompts, r
 from policy.io import Policy
 from policy.scales import prefix_tokens
 from policy.scoring import score_prefix
-from rl.grpo import GRPOLossConfig
+from rl.config import GRPOLossConfig
 from rl.learner import LearnerConfig, LearnerGroup, TrainBatch
 
 GOAL = 0.8

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from common import ROOT, fmt, goal_cell, interleaved, md_table, rate, ratio, start_ray, stats, write_result
 
-from policy.shapes import all_specs, caption, render
+from shapes.world import all_specs, caption, render
 from rewards.builtin import shapes_metadata
 from rewards.client import RewardClient
 from rewards.config import RewardsConfig

@@ -23,7 +23,7 @@ from pathlib import Path
 from common import OUT, ROOT, md_table, write_result
 
 from policy.evaluate import paired_difference, wilson_interval
-from policy.shapes import CATEGORIES
+from shapes.world import CATEGORIES
 
 CONFIG = ROOT / "configs" / "shapes-efficacy.yaml"
 RUNS = ROOT / "runs" / "efficacy"

@@ -17,7 +17,7 @@ import time
 
 from common import ROOT, fmt, goal_cell, md_table, start_ray, stats, write_result
 
-from policy.config import load_config
+from core.config import load_config
 from rl.config import RunConfig
 from rl.driver import Driver
 

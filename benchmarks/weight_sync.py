@@ -2,7 +2,7 @@
 
 Each side is a RolloutPool of 2 RolloutWorkers (the driver's path: `pool.broadcast(version, state)` puts the state
 in the object store once and waits until both workers have loaded it). Full: every weight of the transformer;
-LoRA: the adapters only (r = 8 on the 7 Qwen2 linears, `rl.weights.LoraSettings()` defaults). Measured for the
+LoRA: the adapters only (r = 8 on the 7 Qwen2 linears, `policy.weights.LoraSettings()` defaults). Measured for the
 shipped tiny policy and the small 12-scale model; the bytes also for the Qwen2.5-7B-shaped NextFlow model (counted
 on the meta device, bf16). Goal: adapters <= 2 % of the bytes.
 
@@ -18,7 +18,7 @@ from common import (fmt, goal_cell, human_bytes, interleaved, md_table, policy_d
                     start_ray, stats, update_bytes, write_result)
 
 from policy.io import Policy
-from rl.weights import LoraSettings, apply_lora, state_bytes, trainable_state
+from policy.weights import LoraSettings, apply_lora, state_bytes, trainable_state
 from rollout.pool import RolloutPool
 from rollout.worker import RolloutWorker
 

@@ -9,11 +9,11 @@ import sys
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from policy.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from policy.evaluate import EvalConfig, evaluate, write_report
 from policy.io import PolicyConfig, build_policy
 from policy.sampler import SampleConfig
-from policy.shapes import CATEGORIES
+from shapes.world import CATEGORIES
 
 
 class DemoConfig(BaseModel):

@@ -19,12 +19,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from policy.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from policy.images import save_grid, to_uint8
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import SampleConfig, sample
-from policy.shapes import CATEGORIES, Spec, caption, split_prompts
-from rewards.verifier import partial_credit, score
+from shapes.world import CATEGORIES, Spec, caption, split_prompts
+from shapes.verifier import partial_credit, score
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

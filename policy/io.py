@@ -24,7 +24,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def read_json_config(file: str | Path, cls: type[M]) -> M:
     """A model's `config.json` -> cls; a missing, non-JSON or invalid file is one line naming the file."""
-    from policy.config import format_validation_error
+    from core.config import format_validation_error
 
     file = Path(file)
     try:

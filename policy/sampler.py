@@ -6,25 +6,14 @@ between the transformer, the tokenizer and a DynamicCache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from transformers import DynamicCache
 
+from core.settings import SampleConfig  # noqa: F401  (re-exported)
 from policy.sequence import attention_mask, block_ranges, left_pad, mask_from_groups, position_ids
 from policy.tokenizer import MultiScaleVQ
 from policy.transformer import NextScaleLM
-
-
-class SampleConfig(BaseModel):
-    """Per-scale settings may be one value or one value per scale."""
-    model_config = ConfigDict(extra="forbid")
-    cfg_scale: float = 1.0                                   # classifier-free guidance w; 1 = no guidance
-    guidance_schedule: Literal["constant", "linear"] = "constant"
-    temperature: float | list[float] = 1.0                   # <= 0: greedy
-    top_k: int | list[int] = 0                               # 0: off
-    top_p: float | list[float] = 1.0                         # 1: off
 
 
 def per_scale(value, num_scales: int, name: str) -> list:

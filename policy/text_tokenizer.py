@@ -25,7 +25,7 @@ def train_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 
 def shapes_tokenizer() -> PreTrainedTokenizerFast:
-    from policy.shapes import vocabulary
+    from shapes.world import vocabulary
 
     return train_word_tokenizer(vocabulary())
 

@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 
-from policy.shapes import Spec
+from shapes.world import Spec
 from rewards.base import Batch
-from rewards.verifier import JUDGES, partial_credit, score
+from shapes.verifier import JUDGES, partial_credit, score
 from rewards.wire import batch_to_json, post_json
 
 CHECKS = ("object", "colour", "count", "two-object", "position", "all")  # every check the verifier can report
@@ -56,7 +56,7 @@ class ColourFraction:
     """The easy reward of the learning test: how much of the image is one palette colour (default red)."""
 
     def __init__(self, colour: str = "red"):
-        from policy.shapes import PALETTE
+        from shapes.world import PALETTE
 
         if colour not in PALETTE:
             raise ValueError(f"colour must be one of {sorted(PALETTE)}, got {colour!r}")

@@ -6,7 +6,7 @@
       - {name: my_package.scores:Aesthetic, weight: 0.5, label: aesthetic}
     service: {replicas: 1, max_batch_size: 8, batch_wait_timeout_s: 0.05, port: 8000}
 
-Load with `policy.config.load_config(RewardsConfig, path, overrides)`: a bad field is a one-line ConfigError.
+Load with `core.config.load_config(RewardsConfig, path, overrides)`: a bad field is a one-line ConfigError.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from policy.config import format_validation_error
+from core.config import format_validation_error
 from policy.images import png_bytes
 from rewards.base import Batch
 

@@ -12,7 +12,7 @@ import sys
 
 
 def cmd_train(argv: list[str]) -> int:
-    from policy.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
     from rl.config import RunConfig
 
     if not argv:

@@ -10,12 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_serializer, model_validator
 
-from policy.config import absolute_path
-from policy.sampler import SampleConfig
+from core.config import absolute_path, redact_secrets
+from core.settings import SampleConfig
 from rewards.config import RewardsConfig
-from rl.grpo import GRPOLossConfig
-from rl.learner import LearnerConfig
-from rl.vmr import VMRConfig
+from rl.strategy import LearnerConfig
 
 
 PATH_KWARGS = ("model", "pretrained", "path", "checkpoint")  # reward kwargs that may name files
@@ -23,6 +21,18 @@ PATH_KWARGS = ("model", "pretrained", "path", "checkpoint")  # reward kwargs tha
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class GRPOLossConfig(_Strict):
+    eps_lo: float = Field(0.2, ge=0)
+    eps_hi: float = Field(0.28, ge=0)
+    beta: float = Field(0.0, ge=0)     # 0: no KL term, no reference model loaded
+    kl: Literal["k1", "k3"] = "k3"
+
+
+class VMRConfig(_Strict):
+    k: int = Field(1, ge=1)          # completions per prefix; 1 = off (the rollout's own reward)
+    eta: float = Field(1.0, gt=0)    # temperature of the soft value: -> max as eta -> 0, -> mean as eta -> inf
 
 
 class RolloutConfig(_Strict):
@@ -120,8 +130,6 @@ class RunConfig(_Strict):
     @model_serializer(mode="wrap", when_used="json")
     def _without_env_secrets(self, handler):
         """JSON dumps (RUN/config.yaml, wandb's config) never hold the value of a secret env var (WANDB_API_KEY...)."""
-        from rl.tracking import redact_secrets
-
         return redact_secrets(handler(self))
 
     @property

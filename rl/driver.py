@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from rewards.client import RewardServiceError
-from rl.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rl.checkpoint import check_learner_checkpoint, latest_checkpoint, load_state, save_checkpoint
 from rl.config import RunConfig
 from rl.control import NAMESPACE, start_control
 from rl.grpo import group_advantages, zero_std_fraction
@@ -29,7 +29,7 @@ from rl.learner import LearnerDied
 from rl.prompts import load_prompts, prompts_at
 from rl.tracking import Tracker
 from rl.vmr import completion_batch, prefix_scores, vmr_metrics
-from rl.weights import check_learner_checkpoint
+
 from rollout.pool import RolloutPool
 from rollout.record import rollout_table, write_step
 from rollout.units import UnitResult, WorkUnit, unit_seed
@@ -250,7 +250,7 @@ class Driver:
     def export_policy(self, name: str = "final_policy") -> Path:
         """The current policy as a policy directory (LoRA adapters merged): RUN/final_policy."""
         from policy.io import Policy
-        from rl.weights import export_policy
+        from policy.weights import export_policy
 
         out = self.run_dir / name
         export_policy(Policy.load(self.cfg.policy_path), self.learner.trainable_state(), self.cfg.learner.lora, out)

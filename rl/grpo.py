@@ -14,7 +14,8 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from rl.config import GRPOLossConfig
 
 
 def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -48,14 +49,6 @@ def kl_estimate(logp_new: torch.Tensor, logp_ref: torch.Tensor, kind: Literal["k
 def weighted_token_mean(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """sum_i sum_tok k x / sum_i sum_tok k for x (B, N), k (N,)."""
     return (x * k).sum() / (k.sum() * x.shape[0])
-
-
-class GRPOLossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    eps_lo: float = Field(0.2, ge=0)
-    eps_hi: float = Field(0.28, ge=0)
-    beta: float = Field(0.0, ge=0)     # 0: no KL term, no reference model loaded
-    kl: Literal["k1", "k3"] = "k3"
 
 
 def prefix_grpo_loss(

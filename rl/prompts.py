@@ -7,8 +7,10 @@ a cursor continues the same stream.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-from rl.config import PromptsConfig
+if TYPE_CHECKING:  # rl.config reads prompt files through this module; the type only names its section
+    from rl.config import PromptsConfig
 
 
 def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
@@ -21,7 +23,7 @@ def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
     if cfg.path:
         items = _read_prompt_file(cfg.path)
     else:
-        from policy.shapes import all_specs, caption, split_prompts
+        from shapes.world import all_specs, caption, split_prompts
 
         specs = all_specs() if cfg.split == "all" else getattr(split_prompts(), cfg.split)
         items = [(caption(s), {"spec": s.to_json(), "category": s.category}) for s in specs]

@@ -7,41 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.config import redact_secrets
 from policy.images import save_grid
-
-
-SECRET_WORDS = {"KEY", "APIKEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "AUTH"}
-
-
-def env_secrets(env=None) -> dict[str, str]:
-    """name -> value of the environment variables that look like secrets (WANDB_API_KEY, HF_TOKEN, ...): a part of
-    the name between underscores is one of SECRET_WORDS (not TOKENIZERS_PARALLELISM); values under 6 characters
-    are left alone."""
-    env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if SECRET_WORDS & set(k.upper().split("_")) and len(v) >= 6}
-
-
-def redact_secrets(obj, env=None):
-    """A copy of a JSON-able structure where every string holding a secret env var's value shows its name instead.
-
-    Config dumps (RUN/config.yaml, wandb's config) go through this: a key passed on the command line or written
-    into a config as a literal never reaches the run directory.
-    """
-    secrets = env_secrets(env)
-    if not secrets:
-        return obj
-
-    def walk(x):
-        if isinstance(x, str):
-            for name, value in secrets.items():
-                x = x.replace(value, f"<${name}>")
-            return x
-        if isinstance(x, dict):
-            return {walk(k): walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [walk(v) for v in x]
-        return x
-    return walk(obj)
 
 
 class Tracker:

@@ -11,16 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from rl.config import VMRConfig
 from rl.grpo import prefix_values
 from rollout.units import UnitResult, WorkUnit
-
-
-class VMRConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(1, ge=1)          # completions per prefix; 1 = off (the rollout's own reward)
-    eta: float = Field(1.0, gt=0)    # temperature of the soft value: -> max as eta -> 0, -> mean as eta -> inf
 
 
 def interleave(own: np.ndarray, extra: np.ndarray | None) -> np.ndarray:

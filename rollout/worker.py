@@ -26,7 +26,7 @@ class RolloutWorkerImpl:
         torch.set_num_threads(threads)
         self.policy = Policy.load(policy_path)
         if lora:
-            from rl.weights import LoraSettings, apply_lora
+            from policy.weights import LoraSettings, apply_lora
 
             self.policy.model = apply_lora(self.policy.model, LoraSettings(**lora))
         self.policy.model.eval()
@@ -37,7 +37,7 @@ class RolloutWorkerImpl:
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def set_weights(self, version: int, state: dict) -> int:
-        from rl.weights import load_trainable_state
+        from policy.weights import load_trainable_state
 
         load_trainable_state(self.policy.model, state)
         self.version = version

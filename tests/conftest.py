@@ -9,7 +9,7 @@ import torch
 
 from policy.io import PolicyConfig, build_policy
 from policy.scales import tiny_schedule
-from policy.shapes import all_specs, render
+from shapes.world import all_specs, render
 from policy.tokenizer import MultiScaleVQ, VQConfig
 from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM
 

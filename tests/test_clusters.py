@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import validate_config
 
-from policy.config import load_config
+from core.config import load_config
 from rl.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

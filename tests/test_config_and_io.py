@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy.config import ConfigError, apply_overrides, load_config, parse_override
+from core.config import ConfigError, apply_overrides, load_config, parse_override
 from policy.demo import DemoConfig
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import sample

@@ -10,7 +10,7 @@ from policy.evaluate import (
     EvalConfig, eval_items, format_scores, grid_indices, mean_interval, paired_comparison, paired_difference,
     summarize, wilson_interval, write_report,
 )
-from policy.shapes import CATEGORIES, render, split_prompts
+from shapes.world import CATEGORIES, render, split_prompts
 
 
 # ------------------------------------------------------------------------------------------------ statistics

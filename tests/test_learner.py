@@ -7,18 +7,17 @@ import ray
 import torch
 from pydantic import ValidationError
 
-from policy.config import format_validation_error
+from core.config import format_validation_error
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import SampleConfig, sample
 from policy.scoring import score_prefix
-from rl.grpo import GRPOLossConfig, group_advantages
-from rl.learner import (
-    LearnerConfig, LearnerGroup, TrainBatch, deepspeed_config, merge_dicts, micro_batches, micro_loss_scale,
-    reduce_metrics, split_rows,
-)
-from rl.weights import (
+from rl.config import GRPOLossConfig
+from rl.grpo import group_advantages
+from policy.weights import (
     LoraSettings, apply_lora, export_policy, has_lora, load_trainable_state, state_bytes, trainable_state,
 )
+from rl.learner import LearnerGroup, TrainBatch, micro_batches, reduce_metrics, split_rows
+from rl.strategy import LearnerConfig, deepspeed_config, merge_dicts, micro_loss_scale
 from tests.conftest import PROMPTS, tiny_model, tiny_vq
 
 M = 3  # prefix scales (1 + 4 + 9 = 14 tokens)
@@ -29,7 +28,7 @@ CAPTIONS = ["a red circle", "two blue squares below a green triangle"]
 G = 2
 
 
-# ================================================================================= pure: rl/weights.py
+# ================================================================================= pure: policy/weights.py
 def _logits(model, vq):
     with torch.no_grad():
         return score_prefix(model, vq, PROMPTS, _codes(vq), 4)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from policy.config import ConfigError, load_config
-from policy.shapes import Spec, all_specs, caption, conflicting_spec, render
+from core.config import ConfigError, load_config
+from shapes.world import Spec, all_specs, caption, conflicting_spec, render
 from rewards import base
 from rewards.base import Batch, RewardError, check_output, load_reward, register, run_reward
 from rewards.builtin import ClipScore, HttpReward, VerifierReward, shapes_metadata

@@ -16,7 +16,7 @@ import ray
 import yaml
 from safetensors.torch import load_file
 
-from policy.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from rl.config import RunConfig
 from rl.control import NAMESPACE, control_name
 from rl.driver import Driver

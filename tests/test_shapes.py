@@ -3,13 +3,13 @@ import random
 import numpy as np
 import pytest
 
-from policy.shapes import (
+from shapes.world import (
     CATEGORIES, ObjectSpec, Spec, all_specs, caption, conflicting_spec, read_prompts, render, shape_mask,
     split_prompts, vocabulary, write_prompts,
 )
 from policy.text_tokenizer import encode_prompts, load_text_tokenizer, shapes_tokenizer
 from rewards.builtin import VerifierReward
-from rewards.verifier import (
+from shapes.verifier import (
     classify_shape, classify_template, connected_components, detect, ideal_mask, mask_iou, partial_credit, score,
     template_ious,
 )

@@ -7,7 +7,7 @@ import torch
 
 from policy.io import Policy
 from policy.sampler import SampleConfig, sample
-from rewards.verifier import detect
+from shapes.verifier import detect
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-tiny"
 

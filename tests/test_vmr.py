@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from policy.sampler import SampleConfig, sample
 from rl.grpo import group_advantages, prefix_values, soft_value
-from rl.vmr import VMRConfig, completion_batch, interleave, prefix_scores, vmr_metrics
+from rl.config import VMRConfig
+from rl.vmr import completion_batch, interleave, prefix_scores, vmr_metrics
 from rollout.units import UnitResult, WorkUnit, completion_seeds, sample_seeds, unit_seed
 from tests.conftest import free_port, run_config
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from policy.config import ConfigError, absolute_path, load_config
-from policy.shapes import CATEGORIES, Spec, all_specs, caption, render, split_prompts
+from core.config import ConfigError, absolute_path, load_config
+from shapes.world import CATEGORIES, Spec, all_specs, caption, render, split_prompts
 
 STATE_FILE = "train_state.pt"
 

@@ -13,7 +13,7 @@ import sys
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from policy.config import absolute_path
+from core.config import absolute_path
 from policy.io import Policy
 from policy.losses import next_scale_loss
 from policy.scales import scale_index_per_token, scale_weights

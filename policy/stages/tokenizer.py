@@ -30,7 +30,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def recon_pass_rate(vq: MultiScaleVQ, n: int = 480, seed: int = 7) -> float:
     """Fraction of held-out scenes (category-balanced) whose reconstruction passes the strict verifier."""
-    from rewards.verifier import score
+    from shapes.verifier import score
 
     rng = step_rng(seed, 0, 0)
     specs = sample_specs(rng, n, split="heldout")

@@ -120,7 +120,7 @@ def write_config(tmp_path: Path, how) -> Path:
 
 
 def test_the_base_config_is_valid(tmp_path):
-    from policy.config import load_config
+    from core.config import load_config
     from rl.config import RunConfig
 
     cfg = load_config(RunConfig, write_config(tmp_path, None))

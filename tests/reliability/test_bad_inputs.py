@@ -191,7 +191,7 @@ def test_failed_load_leaves_the_model_unchanged_and_a_good_one_loads_fully(saved
 def learner_ckpt(saved_policy, tmp_path_factory):
     """A learner checkpoint folder in DeepSpeed's layout (latest -> tag/mp_rank_00_model_states.pt) and the state
     it must match."""
-    from rl.weights import trainable_state
+    from policy.weights import trainable_state
 
     model = Policy.load(saved_policy).model
     expected = trainable_state(model)
@@ -227,7 +227,7 @@ BAD_LEARNER = [
 
 @pytest.mark.parametrize("damage, rel, cause", [c[1:] for c in BAD_LEARNER], ids=[c[0] for c in BAD_LEARNER])
 def test_damaged_learner_checkpoint_is_one_line_naming_the_file(learner_ckpt, tmp_path, damage, rel, cause):
-    from rl.weights import check_learner_checkpoint
+    from rl.checkpoint import check_learner_checkpoint
 
     src, expected = learner_ckpt
     d = tmp_path / src.name
@@ -241,7 +241,8 @@ def test_damaged_learner_checkpoint_is_one_line_naming_the_file(learner_ckpt, tm
 
 
 def test_learner_checkpoint_of_another_model_is_refused(learner_ckpt):
-    from rl.weights import check_learner_checkpoint, trainable_state
+    from policy.weights import trainable_state
+    from rl.checkpoint import check_learner_checkpoint
 
     src, _ = learner_ckpt
     bigger = build_policy(PolicyConfig(seed=3, vq=TINY_POLICY["vq"], backbone={**TINY_POLICY["backbone"],

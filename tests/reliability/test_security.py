@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from policy.config import load_config
+from core.config import load_config
 from rewards.config import RewardsConfig, ServiceConfig
 from rl.config import RunConfig
 

@@ -21,19 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
 
-# The Qwen2 attention and MLP linears of NextScaleLM's backbone (module names as in transformers' Qwen2).
-QWEN2_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from core.settings import LoraSettings, QWEN2_LINEARS  # noqa: F401  (re-exported)
+
 LORA_KEY = "lora_"  # every PEFT LoRA tensor name holds it (lora_A, lora_B, lora_embedding_A, ...)
-
-
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)   # > 0 makes the first-pass ratio differ from 1
-    target_modules: list[str] = Field(default_factory=lambda: list(QWEN2_LINEARS), min_length=1)
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -110,53 +101,3 @@ def export_policy(policy, state: dict[str, torch.Tensor], lora: LoraSettings | N
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-def check_learner_checkpoint(path: str | Path, expected: dict[str, torch.Tensor] | None = None) -> Path:
-    """Check a DeepSpeed learner checkpoint folder (RUN/checkpoints/step_*/learner) before anything loads it.
-
-    Reads the `latest` tag, checks every `*.pt` under the tag is an intact torch archive (zip CRCs, nothing
-    unpickled), then opens the model states with `torch.load(weights_only=True)`; with `expected` (name -> tensor,
-    e.g. `trainable_state(model)`) every tensor's name and shape must match. A problem is one line naming the file.
-    Returns the model-states file.
-    """
-    import zipfile
-
-    root = Path(path)
-    tag_file = root / "latest"
-    try:
-        tag = tag_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{tag_file}: unreadable checkpoint tag ({type(e).__name__})") from None
-    if not tag or "/" in tag or tag in (".", ".."):
-        raise ValueError(f"{tag_file}: bad checkpoint tag {tag[:50]!r}")
-    files = sorted((root / tag).glob("*.pt"))
-    states = root / tag / "mp_rank_00_model_states.pt"
-    if states not in files:
-        raise ValueError(f"{states}: model states missing")
-    for f in files:
-        try:
-            with zipfile.ZipFile(f) as z:
-                bad = z.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ValueError(f"{f}: truncated or not a torch checkpoint ({type(e).__name__}: {e})") from None
-        if bad is not None:
-            raise ValueError(f"{f}: corrupt entry {bad} (CRC mismatch)")
-    try:
-        blob = torch.load(states, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError / UnpicklingError / ... for damaged archives
-        raise ValueError(f"{states}: unreadable model states ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
-            from None
-    module = blob.get("module") if isinstance(blob, dict) else None
-    if not isinstance(module, dict) or not all(isinstance(v, torch.Tensor) for v in module.values()):
-        raise ValueError(f"{states}: no 'module' state dict of tensors")
-    if expected is not None:
-        own = {k.removeprefix("model."): v for k, v in module.items()}
-        missing = sorted(set(expected) - set(own))
-        if missing:
-            raise ValueError(f"{states}: missing tensor {missing[0]} ({len(missing)} missing in all)")
-        for k, v in expected.items():
-            if tuple(own[k].shape) != tuple(v.shape):
-                raise ValueError(f"{states}: tensor {k} has shape {tuple(own[k].shape)}, the model expects "
-                                 f"{tuple(v.shape)}")
-    return states

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from policy.shapes import BACKGROUND, PALETTE, SHAPES, Spec, relation_holds, shape_mask
+from shapes.world import BACKGROUND, PALETTE, SHAPES, Spec, relation_holds, shape_mask
 
 MIN_AREA = 30          # blobs smaller than this are noise (the smallest rendered object covers ~45 px)
 MAX_AREA = 400         # blobs larger than this are not one object (rendered objects are at most 16x16)
@@ -100,7 +100,7 @@ def blob_mask(points: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=256)
 def ideal_mask(shape: str, side: int) -> np.ndarray:
-    """(h, w) bool: the renderer's `shape` of side `side` (policy.shapes.shape_mask), cropped to its bounding box."""
+    """(h, w) bool: the renderer's `shape` of side `side` (shapes.world.shape_mask), cropped to its bounding box."""
     n = side + 2
     m = shape_mask(shape, n / 2, n / 2, side, image_size=n)
     ys, xs = np.nonzero(m)

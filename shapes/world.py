@@ -2,7 +2,7 @@
 
 A `Spec` is the structured meaning of a caption (GenEval-like): one or two object groups (shape, colour,
 count) and, for position prompts, a relation between the two objects. `render(spec, rng)` draws a scene that
-satisfies it; `rewards.verifier.score(image, spec)` checks an image against it.
+satisfies it; `shapes.verifier.score(image, spec)` checks an image against it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""Core: what every package may use, with no torch and no Ray.
+
+    config.py    typed configs from YAML with `key.sub=value` overrides, one-line errors, secret redaction
+    settings.py  settings shared across layers (sampling, LoRA), so validating a run config needs no torch
+    atomic.py    write a file or a folder atomically: temp, fsync, rename, fsync of the parent
+"""
