@@ -15,16 +15,18 @@ QWEN2_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 class SampleConfig(BaseModel):
     """Per-scale settings may be one value or one value per scale."""
     model_config = ConfigDict(extra="forbid")
-    cfg_scale: float = 1.0                                   # classifier-free guidance w; 1 = no guidance
-    guidance_schedule: Literal["constant", "linear"] = "constant"
-    temperature: float | list[float] = 1.0                   # <= 0: greedy
-    top_k: int | list[int] = 0                               # 0: off
-    top_p: float | list[float] = 1.0                         # 1: off
+    cfg_scale: float = Field(1.0, description="classifier-free guidance w; 1 = no guidance")
+    guidance_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="constant w, or linear from 1 at scale 1 to w at the last scale")
+    temperature: float | list[float] = Field(1.0, description="<= 0: greedy; one value or one per scale")
+    top_k: int | list[int] = Field(0, description="0: off; one value or one per scale")
+    top_p: float | list[float] = Field(1.0, description="1: off; one value or one per scale")
 
 
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)   # > 0 makes the first-pass ratio differ from 1
-    target_modules: list[str] = Field(default_factory=lambda: list(QWEN2_LINEARS), min_length=1)
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="> 0 makes the first-pass ratio differ from 1")
+    target_modules: list[str] = Field(default_factory=lambda: list(QWEN2_LINEARS), min_length=1,
+                                      description="module names that get adapters (default: Qwen2's linears)")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import sys
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from core.config import ConfigError, load_config
+from core.cli import parse_config_args
 from policy.evaluate import EvalConfig, evaluate, write_report
 from policy.io import PolicyConfig, build_policy
 from policy.sampler import SampleConfig
@@ -18,23 +18,19 @@ from shapes.world import CATEGORIES
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")  # the run config holds more sections than the demo reads
-    policy: PolicyConfig = PolicyConfig()
-    sample: SampleConfig = SampleConfig()
-    num_images: int = 16
-    batch_size: int = 8
-    seed: int = 0
-    out_dir: str = "runs/demo"
+    policy: PolicyConfig = Field(PolicyConfig(), description="the policy (policy.path: a saved one; null: fresh)")
+    sample: SampleConfig = Field(SampleConfig(), description="how the images are sampled")
+    num_images: int = Field(16, ge=1, description="images sampled (spread over the held-out categories)")
+    batch_size: int = Field(8, ge=1, description="images sampled at once")
+    seed: int = Field(0, description="seed of the sampling")
+    out_dir: str = Field("runs/demo", description="where samples.png and scores.json are written")
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.strip())
-        return 2
-    try:
-        cfg = load_config(DemoConfig, argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config_args(DemoConfig, argv, "python -m policy.demo CONFIG [key.sub=value ...] [--print-config]",
+                            __doc__.splitlines()[0])
+    if isinstance(cfg, int):
+        return cfg
     torch.manual_seed(cfg.seed)
     ecfg = EvalConfig(sample=cfg.sample, images_per_category=max(1, cfg.num_images // len(CATEGORIES)),
                       batch_size=cfg.batch_size, seed=cfg.seed, grid_size=cfg.num_images)

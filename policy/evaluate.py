@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from core.config import ConfigError, load_config
+from core.config import load_config
 from policy.images import save_grid, to_uint8
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import SampleConfig, sample
@@ -31,13 +31,15 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    policy: PolicyConfig = PolicyConfig()
-    sample: SampleConfig = SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95)
-    images_per_category: int = Field(96, ge=1)  # held-out prompts repeated cyclically (new seeds) up to this many
-    batch_size: int = Field(32, ge=1)
-    seed: int = 1234                            # image i is sampled with seed + i
-    grid_size: int = Field(20, ge=1)
-    out_dir: str = "runs/eval"
+    policy: PolicyConfig = Field(PolicyConfig(), description="the policy to score (policy.path: a saved one)")
+    sample: SampleConfig = Field(SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95),
+                                 description="how the images are sampled")
+    images_per_category: int = Field(96, ge=1, description="held-out prompts repeated cyclically (new seeds) up "
+                                                           "to this many")
+    batch_size: int = Field(32, ge=1, description="images sampled at once")
+    seed: int = Field(1234, description="image i is sampled with seed + i")
+    grid_size: int = Field(20, ge=1, description="images in the PNG grid")
+    out_dir: str = Field("runs/eval", description="where scores.json and the grid are written")
 
 
 @dataclass(frozen=True)
@@ -212,14 +214,17 @@ def format_scores(result: dict) -> str:
     return line
 
 
-def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
+def main(argv: list[str], prog: str = "python -m policy.evaluate") -> int:
+    from core.cli import parse_config_args
+
+    cfg = parse_config_args(EvalConfig, argv, f"{prog} POLICY_DIR [key.sub=value ...] [--print-config]",
+                            __doc__.split("\n\n", 2)[-1] + "\nPOLICY_DIR sets policy.path.",
+                            load=lambda path, rest: load_config(EvalConfig, None, [f"policy.path={path}", *rest]))
+    if isinstance(cfg, int):
+        return cfg
     try:
-        cfg = load_config(EvalConfig, None, [f"policy.path={argv[0]}", *argv[1:]])
         policy = build_policy(cfg.policy)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result, images, records = evaluate(policy, cfg)

@@ -18,11 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 class RewardEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)  # built-in / registry name, entry point (nextscale.rewards), or "pkg.mod:attr"
-    weight: float = Field(1.0, allow_inf_nan=False)  # negative: a penalty; at least one weight must be > 0
-    kwargs: dict[str, Any] = {}      # constructor arguments (class) or bound keyword arguments (function)
-    label: str | None = None         # how its components are reported; default: the name (an import path's attr)
-    timeout_s: float | None = Field(60.0, gt=0)  # one call on one batch; None waits forever
+    name: str = Field(min_length=1, description="built-in / registry name, entry point (nextscale.rewards), "
+                                                "or 'pkg.mod:attr'")
+    weight: float = Field(1.0, allow_inf_nan=False, description="negative: a penalty; at least one weight must "
+                                                                "be > 0")
+    kwargs: dict[str, Any] = Field({}, description="constructor arguments (class) or bound keyword arguments "
+                                                   "(function)")
+    label: str | None = Field(None, description="how its components are reported; default: the name (an import "
+                                                "path's attr)")
+    timeout_s: float | None = Field(60.0, gt=0, description="one call on one batch; null waits forever")
 
     @field_validator("name")
     @classmethod
@@ -43,23 +47,23 @@ class RewardEntry(BaseModel):
 
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = "rewards"                              # Serve application name
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)                 # per replica
-    num_gpus: float = Field(0.0, ge=0)
-    runtime_env: dict[str, Any] = {}                   # per replica, e.g. {pip: [my-rewards]} or {env_vars: {...}}
-    max_batch_size: int = Field(8, ge=1)               # requests merged into one call of the rewards
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    max_ongoing_requests: int | None = Field(None, ge=1)  # per replica; default 2 * max_batch_size
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/rewards"
-    max_request_bytes: int = Field(64 << 20, ge=1)
-    body_timeout_s: float = Field(30.0, gt=0)          # HTTP: a request body not received in this time -> 408
-    timeout_s: float = Field(300.0, gt=0)              # client: one call, queueing included
-    retries: int = Field(2, ge=0)                      # client: further attempts after a failed call
-    backoff_s: float = Field(0.5, ge=0)                # client: wait before retry k is backoff_s * 2**(k-1) ...
-    backoff_max_s: float = Field(10.0, ge=0)           # ... at most this
+    name: str = Field("rewards", description="Serve application name")
+    replicas: int = Field(1, ge=1, description="Serve replicas of the reward service")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica")
+    runtime_env: dict[str, Any] = Field({}, description="per replica, e.g. {pip: [my-rewards]} or {env_vars: {...}}")
+    max_batch_size: int = Field(8, ge=1, description="requests merged into one call of the rewards")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="longest wait for a batch to fill")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default 2 * max_batch_size")
+    host: str = Field("127.0.0.1", description="HTTP host of the service")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the service")
+    route_prefix: str = Field("/rewards", description="HTTP route of the service")
+    max_request_bytes: int = Field(64 << 20, ge=1, description="HTTP: a larger request body -> 413")
+    body_timeout_s: float = Field(30.0, gt=0, description="HTTP: a request body not received in this time -> 408")
+    timeout_s: float = Field(300.0, gt=0, description="client: one call, queueing included")
+    retries: int = Field(2, ge=0, description="client: further attempts after a failed call")
+    backoff_s: float = Field(0.5, ge=0, description="client: wait before retry k is backoff_s * 2**(k-1) ...")
+    backoff_max_s: float = Field(10.0, ge=0, description="... at most this")
 
     @field_validator("max_ongoing_requests")
     @classmethod
@@ -83,8 +87,8 @@ class ServiceConfig(BaseModel):
 
 class RewardsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rewards: list[RewardEntry] = Field(min_length=1)
-    service: ServiceConfig = ServiceConfig()
+    rewards: list[RewardEntry] = Field(min_length=1, description="the rewards; the score is their weighted sum")
+    service: ServiceConfig = Field(ServiceConfig(), description="the Ray Serve deployment that computes them")
 
     @field_validator("rewards")
     @classmethod

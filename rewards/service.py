@@ -9,6 +9,7 @@ batch_wait_timeout_s, merged into one call of the rewards per image size):
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -19,6 +20,8 @@ from rewards.base import Batch, RewardError, resolve
 from rewards.combine import CombinedReward, score_many
 from rewards.config import RewardsConfig
 from rewards.wire import PayloadError, parse_request
+
+SERVE_LOGGER = "ray.serve"  # the driver-side logger of Serve (its own stderr handler, does not propagate)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -80,11 +83,22 @@ class RewardService:
         return JSONResponse(out, status_code=500 if "error" in out else 200)
 
 
-def start_service(cfg: RewardsConfig) -> DeploymentHandle:
+def quiet_driver_logs(verbose: bool) -> None:
+    """Serve's INFO lines in this process (`ray.serve` logger: started, deploying, ready) show only if `verbose`.
+
+    The replicas' per-request access log and the controller's and proxy's lines are written to Ray's log files
+    (RAY_TMP/session_latest/logs/serve/); they reach the terminal only when Ray streams worker output to the
+    driver (`ray.init(log_to_driver=True)`, which rl/driver.py sets from `logging.verbose`).
+    """
+    logging.getLogger(SERVE_LOGGER).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def start_service(cfg: RewardsConfig, verbose: bool = False) -> DeploymentHandle:
     """Deploy the service on the connected Ray cluster; fails fast here if a reward cannot be found."""
     for e in cfg.rewards:
         resolve(e.name)
     svc = cfg.service
+    quiet_driver_logs(verbose)
     serve.start(http_options={"host": svc.host, "port": svc.port})
     app = RewardService.options(
         num_replicas=svc.replicas, max_ongoing_requests=svc.ongoing_requests,

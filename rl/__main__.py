@@ -1,28 +1,42 @@
-"""nextscale-rl command line.
+"""nextscale-rl command line (`nextscale ...` once installed, or `python -m rl ...`).
 
-    python -m rl train CONFIG [key.sub=value ...]          run prefix-GRPO (resume=true continues a run)
-    python -m rl eval  POLICY_DIR [key.sub=value ...]      held-out verifier score per category + PNG grid
-    python -m rl scale RUN --rollout-workers N [--address ADDR]   resize a live run's rollout pool
+    nextscale train CONFIG [key.sub=value ...] [--print-config]   run prefix-GRPO (resume=true continues a run)
+    nextscale eval  POLICY_DIR [key.sub=value ...]                held-out verifier score per category + PNG grid
+    nextscale scale RUN --rollout-workers N [--address ADDR]      resize a live run's rollout pool
+
+`nextscale COMMAND --help` lists a command's options and config fields (type, default, description).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+USAGE = """usage:
+    {p} train CONFIG [key.sub=value ...] [--print-config]   run prefix-GRPO (resume=true continues a run)
+    {p} eval  POLICY_DIR [key.sub=value ...]                held-out verifier score per category + PNG grid
+    {p} scale RUN --rollout-workers N [--address ADDR]      resize a live run's rollout pool
+
+`{p} COMMAND --help` lists a command's options and config fields (type, default, description)."""
+TRAIN_ABOUT = """Run prefix-GRPO on a local Ray (or the cluster RAY_ADDRESS names). The config is a YAML file;
+every field below can be overridden on the command line, e.g. steps=10 rollout.sample.top_k=16."""
+
+
+def prog() -> str:
+    """How the user called us: `nextscale` (the console script) or `python -m rl`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return "python -m rl" if name in ("__main__.py", "-m", "", "-c") or name.endswith(".py") else name
 
 
 def cmd_train(argv: list[str]) -> int:
-    from core.config import ConfigError, load_config
+    from core.cli import parse_config_args
     from rl.config import RunConfig
 
-    if not argv:
-        print("usage: python -m rl train CONFIG [key.sub=value ...]", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(RunConfig, argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config_args(RunConfig, argv, f"{prog()} train CONFIG [key.sub=value ...] [--print-config]",
+                            TRAIN_ABOUT)
+    if isinstance(cfg, int):
+        return cfg
     from rl.driver import Driver, RunFailed
 
     try:
@@ -33,6 +47,11 @@ def cmd_train(argv: list[str]) -> int:
     except RunFailed as e:  # a fault the run cannot ride out; everything up to the last checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
     if "eval_after" in summary:
         from policy.evaluate import format_scores
 
@@ -42,14 +61,13 @@ def cmd_train(argv: list[str]) -> int:
             print(f"paired change ({key}, {d['n']} images, same prompts and seeds): {d['diff']:+.3f} "
                   f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (gained {d['gained']}, lost {d['lost']})")
     print(json.dumps({k: v for k, v in summary.items() if not k.startswith("eval")}))
-    return 0
 
 
 def cmd_scale(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rl scale")
-    ap.add_argument("run")
-    ap.add_argument("--rollout-workers", type=int, required=True)
-    ap.add_argument("--address", default="auto")
+    ap = argparse.ArgumentParser(prog=f"{prog()} scale", description="Resize the rollout pool of a live run.")
+    ap.add_argument("run", help="the run's name")
+    ap.add_argument("--rollout-workers", type=int, required=True, help="the new number of rollout workers")
+    ap.add_argument("--address", default="auto", help="the Ray cluster the run is on (default: auto)")
     args = ap.parse_args(argv)
     from rl.control import scale
 
@@ -63,8 +81,12 @@ def cmd_scale(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    usage = USAGE.format(p=prog())
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in ("train", "eval", "scale"):
-        print(__doc__.strip(), file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     if argv[0] == "train":
         return cmd_train(argv[1:])
@@ -72,8 +94,13 @@ def main(argv: list[str]) -> int:
         return cmd_scale(argv[1:])
     from policy.evaluate import main as eval_main
 
-    return eval_main(argv[1:])
+    return eval_main(argv[1:], prog=f"{prog()} eval")
+
+
+def cli() -> None:
+    """The `nextscale` console script."""
+    sys.exit(main(sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli()

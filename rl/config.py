@@ -23,26 +23,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def describe(default, description: str, **constraints):
+    """A field with its one-line description (shown by `--help`)."""
+    return Field(default, description=description, **constraints)
+
+
 class GRPOLossConfig(_Strict):
-    eps_lo: float = Field(0.2, ge=0)
-    eps_hi: float = Field(0.28, ge=0)
-    beta: float = Field(0.0, ge=0)     # 0: no KL term, no reference model loaded
-    kl: Literal["k1", "k3"] = "k3"
+    eps_lo: float = describe(0.2, "lower clip of the probability ratio (1 - eps_lo)", ge=0)
+    eps_hi: float = describe(0.28, "upper clip of the probability ratio (1 + eps_hi; clip-higher)", ge=0)
+    beta: float = describe(0.0, "KL weight towards the initial policy; 0: no KL term, no reference model", ge=0)
+    kl: Literal["k1", "k3"] = describe("k3", "KL estimator")
 
 
 class VMRConfig(_Strict):
-    k: int = Field(1, ge=1)          # completions per prefix; 1 = off (the rollout's own reward)
-    eta: float = Field(1.0, gt=0)    # temperature of the soft value: -> max as eta -> 0, -> mean as eta -> inf
+    k: int = describe(1, "completions per prefix; 1 = off (the rollout's own reward)", ge=1)
+    eta: float = describe(1.0, "temperature of the soft value: -> max as eta -> 0, -> mean as eta -> inf", gt=0)
 
 
 class RolloutConfig(_Strict):
-    workers: int = Field(2, ge=1)               # at start
-    min_workers: int = Field(1, ge=1)
-    max_workers: int = Field(16, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    threads_per_worker: int = Field(1, ge=1)    # torch threads inside a worker
-    sample: SampleConfig = SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95)
+    workers: int = describe(2, "rollout workers at start (python -m rl scale resizes a live run)", ge=1)
+    min_workers: int = describe(1, "fewest workers the pool may shrink to", ge=1)
+    max_workers: int = describe(16, "most workers the pool may grow to", ge=1)
+    cpus_per_worker: float = describe(1.0, "Ray CPUs per rollout worker", gt=0)
+    gpus_per_worker: float = describe(0.0, "Ray GPUs per rollout worker", ge=0)
+    threads_per_worker: int = describe(1, "torch threads inside a worker", ge=1)
+    sample: SampleConfig = describe(SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95),
+                                    "how the rollouts sample")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -53,51 +59,55 @@ class RolloutConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    path: str | None = None                      # Parquet with a `prompt` column (+ optional `spec`, `category`)
-    split: Literal["train", "heldout", "all"] = "train"  # the shapes world's split when path is null
-    balance: Literal["none", "category"] = "category"  # cycle the stream through categories (none if unknown)
+    path: str | None = describe(None, "Parquet with a `prompt` column (+ optional `spec`, `category`)")
+    split: Literal["train", "heldout", "all"] = describe("train", "the shapes world's split when path is null")
+    balance: Literal["none", "category"] = describe("category", "cycle the stream through categories "
+                                                                "(none if unknown)")
 
 
 class CheckpointSettings(_Strict):
-    every: int = Field(10, ge=1)                 # steps
-    keep: int = Field(3, ge=1)
+    every: int = describe(10, "steps between checkpoints", ge=1)
+    keep: int = describe(3, "checkpoints kept (older ones are deleted)", ge=1)
 
 
 class LoggingSettings(_Strict):
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "nextscale-rl"
-    grid_every: int = Field(5, ge=1)             # steps between PNG sample grids
-    grid_size: int = Field(16, ge=1)
+    wandb: Literal["offline", "online", "disabled"] = describe("offline", "wandb mode")
+    project: str = describe("nextscale-rl", "wandb project")
+    grid_every: int = describe(5, "steps between PNG sample grids", ge=1)
+    grid_size: int = describe(16, "images in a sample grid", ge=1)
+    verbose: bool = describe(False, "show Ray's and Serve's per-request logs in the terminal (else only in Ray's "
+                                    "log files)")
 
 
 class EvalSettings(_Strict):
-    enabled: bool = True                         # held-out verifier score before the first and after the last step
-    images_per_category: int = Field(96, ge=1)   # held-out prompts repeated cyclically (new seeds) to this many
-    every: int = Field(0, ge=0)                  # also every N steps (0: never); all evals go to RUN/eval_curve.jsonl
+    enabled: bool = describe(True, "held-out verifier score before the first and after the last step")
+    images_per_category: int = describe(96, "held-out prompts repeated cyclically (new seeds) to this many", ge=1)
+    every: int = describe(0, "also every N steps (0: never); all evals go to RUN/eval_curve.jsonl", ge=0)
 
 
 class RunConfig(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    runs_dir: str = "runs"
-    resume: bool = False                         # continue from the last checkpoint of runs_dir/name
-    seed: int = 0
-    steps: int = Field(ge=1)
-    policy_path: str
-    m: int = Field(ge=1)                         # scales 1..m enter the loss
-    group_size: int = Field(ge=2)                # G samples per prompt
-    prompts_per_step: int = Field(ge=1)
-    alpha: float = Field(0.7, ge=0)              # per-scale weight exponent of the loss (k_s ~ n_s^-alpha)
-    normalize_std: bool = True
-    adv_eps: float = Field(1e-4, gt=0)
-    loss: GRPOLossConfig = GRPOLossConfig()
-    vmr: VMRConfig = VMRConfig()                 # middle-step value over K completions per prefix; k = 1: off
-    learner: LearnerConfig = LearnerConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    prompts: PromptsConfig = PromptsConfig()
-    rewards: RewardsConfig
-    checkpoint: CheckpointSettings = CheckpointSettings()
-    logging: LoggingSettings = LoggingSettings()
-    eval: EvalSettings = EvalSettings()
+    name: str = describe(..., "run name: the run directory is runs_dir/name", min_length=1,
+                         pattern=r"^[A-Za-z0-9_.-]+$")
+    runs_dir: str = describe("runs", "where run directories live")
+    resume: bool = describe(False, "continue from the last checkpoint of runs_dir/name")
+    seed: int = describe(0, "seed of the prompt stream and the sampling")
+    steps: int = describe(..., "training steps", ge=1)
+    policy_path: str = describe(..., "a saved policy directory (transformer/ + VQ + text tokenizer)")
+    m: int = describe(..., "scales 1..m enter the loss (the later ones are still sampled)", ge=1)
+    group_size: int = describe(..., "G samples per prompt", ge=2)
+    prompts_per_step: int = describe(..., "prompts per step (a batch is prompts_per_step x group_size)", ge=1)
+    alpha: float = describe(0.7, "per-scale weight exponent of the loss (k_s ~ n_s^-alpha)", ge=0)
+    normalize_std: bool = describe(True, "divide a group's advantages by its reward std")
+    adv_eps: float = describe(1e-4, "added to the std when normalising advantages", gt=0)
+    loss: GRPOLossConfig = describe(GRPOLossConfig(), "the clipped GRPO loss")
+    vmr: VMRConfig = describe(VMRConfig(), "middle-step value over K completions per prefix; k = 1: off")
+    learner: LearnerConfig = describe(LearnerConfig(), "the DeepSpeed learner ranks")
+    rollout: RolloutConfig = describe(RolloutConfig(), "the rollout worker pool")
+    prompts: PromptsConfig = describe(PromptsConfig(), "the training prompt stream")
+    rewards: RewardsConfig = describe(..., "the rewards and the Serve service that computes them")
+    checkpoint: CheckpointSettings = describe(CheckpointSettings(), "checkpoints under RUN/checkpoints")
+    logging: LoggingSettings = describe(LoggingSettings(), "metrics, sample grids and terminal output")
+    eval: EvalSettings = describe(EvalSettings(), "held-out evaluation")
 
     @model_validator(mode="after")
     def _check_against_policy(self, info: ValidationInfo):

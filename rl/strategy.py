@@ -15,19 +15,21 @@ from core.settings import LoraSettings
 
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    num_ranks: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_rank: float = Field(1.0, gt=0)
-    batch_size: int | None = Field(None, ge=1)  # rows per step over all ranks (prompts x G); None: the run sets it
-    micro_batch_size: int = Field(8, ge=1)    # rows per forward/backward on one rank (capped at rows per rank)
-    passes: int = Field(1, ge=1)              # optimisation passes (optimiser steps) over each batch
-    lr: float = Field(1e-5, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.05, ge=0)
-    grad_clip: float = Field(1.0, ge=0)       # 0: no clipping
-    seed: int = 0
-    deepspeed: dict = {}                      # merged over our defaults (deepspeed_config)
-    lora: LoraSettings | None = None
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray Train workers)")
+    use_gpu: bool = Field(False, description="one GPU per rank")
+    cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs per rank")
+    batch_size: int | None = Field(None, ge=1, description="rows per step over all ranks (prompts x G); null: the "
+                                                           "run sets it")
+    micro_batch_size: int = Field(8, ge=1, description="rows per forward/backward on one rank (capped at rows per "
+                                                       "rank)")
+    passes: int = Field(1, ge=1, description="optimisation passes (optimiser steps) over each batch")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clip; 0: no clipping")
+    seed: int = Field(0, description="seed of every rank (the run passes its own)")
+    deepspeed: dict = Field({}, description="merged over our defaults (deepspeed_config)")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of all weights; null: full")
 
     @model_validator(mode="after")
     def _check(self):

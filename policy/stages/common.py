@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import ConfigError, absolute_path, load_config
+from core.config import absolute_path
 from shapes.world import CATEGORIES, Spec, all_specs, caption, render, split_prompts
 
 STATE_FILE = "train_state.pt"
@@ -28,24 +28,24 @@ STATE_FILE = "train_state.pt"
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str                              # run name: a rerun with the same name resumes
-    storage: str = "runs/stages"           # Ray Train storage path (a shared filesystem on a cluster)
-    out: str | None = None                 # where the final artefact is exported (default STORAGE/NAME/final)
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1
-    max_failures: int = 1
-    steps: int = 100
-    batch_size: int = 32                   # per worker
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1              # cosine decay to lr * min_lr_ratio at the last step
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
+    name: str = Field(description="run name: a rerun with the same name resumes")
+    storage: str = Field("runs/stages", description="Ray Train storage path (a shared filesystem on a cluster)")
+    out: str | None = Field(None, description="where the final artefact is exported (default STORAGE/NAME/final)")
+    num_workers: int = Field(1, description="Ray Train workers (data-parallel)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1, description="Ray CPUs per worker")
+    max_failures: int = Field(1, description="worker failures retried from the last checkpoint")
+    steps: int = Field(100, description="optimiser steps")
+    batch_size: int = Field(32, description="images per worker per step")
+    lr: float = Field(1e-3, description="peak learning rate")
+    warmup_steps: int = Field(0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.1, description="cosine decay to lr * min_lr_ratio at the last step")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, description="gradient norm clip; 0: no clipping")
+    log_every: int = Field(10, description="steps between metric reports")
+    checkpoint_every: int = Field(100, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, description="checkpoints kept")
+    seed: int = Field(0, description="seed of the data and the initialisation")
 
     @model_validator(mode="after")
     def _absolute_paths(self):
@@ -203,18 +203,17 @@ def launch(train_fn: Callable[[dict], None], cfg: StageConfig) -> Path:
 
 def main(cls: type[StageConfig], train_fn: Callable[[dict], None], argv: list[str]) -> int:
     """`python -m policy.stages.<stage> CONFIG [key=value ...]`: validate, then launch."""
-    if not argv:
-        print(f"usage: python -m {train_fn.__module__} CONFIG [key=value ...]", file=sys.stderr)
-        return 2
+    from core.cli import parse_config_args
+
     if train_fn.__module__ == "__main__":  # run as a script: use the importable module so workers import it by name
         import importlib
 
         module = importlib.import_module(sys.modules["__main__"].__spec__.name)
         cls, train_fn = getattr(module, cls.__name__), module.train_fn
-    try:
-        cfg = load_config(cls, argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    about = (sys.modules[train_fn.__module__].__doc__ or "").split("\n\n")
+    cfg = parse_config_args(cls, argv, f"python -m {train_fn.__module__} CONFIG [key.sub=value ...] [--print-config]",
+                            "\n\n".join([about[0]] + about[2:]))
+    if isinstance(cfg, int):
+        return cfg
     launch(train_fn, cfg)
     return 0

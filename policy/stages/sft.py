@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from policy.stages.common import main
 from policy.stages.pretrain import PretrainConfig, train_fn
 
 
 class SFTConfig(PretrainConfig):
-    categories: list[str] | None = ["count", "position", "two-object"]
+    categories: list[str] | None = Field(["count", "position", "two-object"],
+                                         description="restrict the prompts (the curated subset)")
 
     @model_validator(mode="after")
     def _needs_policy(self):

@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-from policy.evaluate import EvalConfig, evaluate, format_scores, write_report
-from policy.io import Policy
 
 STAGES = {"tokenizer": "shapes-tokenizer", "reward_model": "shapes-clip", "pretrain": "shapes-pretrain",
           "sft": "shapes-sft"}
@@ -55,11 +53,15 @@ def readme(metrics: dict, scores: dict) -> str:
     ])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", default="runs/stages")
-    ap.add_argument("--out", default="checkpoints/shapes-tiny")
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m policy.stages.ship", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[-1], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", default="runs/stages", help="the stages' storage (default: %(default)s)")
+    ap.add_argument("--out", default="checkpoints/shapes-tiny", help="the shipped folder (default: %(default)s)")
+    args = ap.parse_args(argv)
+    from policy.evaluate import EvalConfig, evaluate, format_scores, write_report  # after --help: imports torch
+    from policy.io import Policy
+
     runs, out = Path(args.runs), Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
