@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from the repo root
 
 import torch  # noqa: E402
 
+from core.atomic import atomic_write_text  # noqa: E402
 from policy.scales import Schedule, nextflow_schedule, scale_offsets, tiny_schedule  # noqa: E402
 from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM  # noqa: E402
 
@@ -105,8 +106,8 @@ def write_result(name: str, payload: dict, table: str, out: Path = OUT) -> None:
     """benchmarks/results/NAME.json (payload + machine) and NAME.md (the table); prints the table."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join(["python"] + sys.argv), "machine": machine()} | payload
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
-    (out / f"{name}.md").write_text(table)
+    atomic_write_text(out / f"{name}.json", json.dumps(payload, indent=1, default=float) + "\n")
+    atomic_write_text(out / f"{name}.md", table)
     print(table, flush=True)
 
 
@@ -138,14 +139,6 @@ def sampler_flops(cfg: NextScaleConfig, text_len: int, rows: int, use_cache: boo
         new = off[s + 1] - off[s]
         total += forward_flops(cfg, new if use_cache else end, end, head_tokens=new)
     return rows * total
-
-
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype=torch.float32,
-                       sync: Callable[[], None] = lambda: None) -> list[float]:
-    """FLOP/s of an n x n x n matmul (the machine's practical peak), one value per repeat."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = interleaved({"mm": lambda: a @ b}, repeats, warmup=1, sync=sync)["mm"]
-    return rate(times, 2 * n**3)
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -11,7 +11,7 @@ Rows (each side timed with torch.cuda.synchronize around it, interleaved where t
   - next-scale vs raster-scan at 256 px (the first 12 scales, the same weights), batch 1;
   - achieved sampler FLOP/s (common.sampler_flops) vs a bf16 8192^3 matmul;
   - the learner step at m = 8 vs all 18 scales, same batch: forward + backward + AdamW through the learner's
-    PrefixScorer and prefix-GRPO loss, LoRA r = 8 on every linear (full fine-tuning of a 7B model with AdamW
+    own micro-step (rl.update.micro_step: PrefixScorer and prefix-GRPO loss), LoRA r = 8 on every linear (full fine-tuning of a 7B model with AdamW
     needs ~120 GB of weights and optimiser state alone: the NextFlow config shards it with ZeRO-2 over 8 GPUs),
     gradient checkpointing on;
   - bytes of a weight update, full model vs LoRA adapters.
@@ -153,10 +153,10 @@ def efficiency_rows(model, vq, sizes: Sizes, sync, device, dtype) -> tuple[list,
 
 
 def learner_rows(model, vq, sizes: Sizes, sync, device) -> tuple[list, dict]:
-    from rl.config import GRPOLossConfig
-    from rl.grpo import prefix_grpo_loss
-    from rl.learner import LearnerConfig, PrefixScorer, adamw
     from policy.weights import LoraSettings, apply_lora
+    from rl.config import GRPOLossConfig
+    from rl.strategy import LearnerConfig
+    from rl.update import PrefixScorer, TrainBatch, learner_optimizer, micro_step, prefix_of
 
     sched, rows = model.schedule, sizes.learner_rows
     model.backbone.activation_checkpointing_enable({"use_reentrant": False})
@@ -167,13 +167,13 @@ def learner_rows(model, vq, sizes: Sizes, sync, device) -> tuple[list, dict]:
     adv = torch.tensor([1.0, -1.0], device=device).repeat(rows // 2 + 1)[:rows]
     ms = {"prefix": sizes.m, "full": len(sched)}
     scorers = {k: PrefixScorer(lora, vq, m) for k, m in ms.items()}
-    opt = adamw(lora, LearnerConfig(lr=1e-6))
+    prefixes = {k: prefix_of(sched, m, 0.0, device) for k, m in ms.items()}             # k_s = 1
+    with torch.no_grad():                                          # old log-probs = the current policy's (rho = 1)
+        batches = {k: TrainBatch(text, codes, scorers[k](text, codes)[0], adv) for k in ms}
+    opt = learner_optimizer(lora, LearnerConfig(lr=1e-6))
 
-    def step(k):
-        n = prefix_tokens(sched, ms[k])
-        k_s = torch.ones(n, device=device)
-        logp, _ = scorers[k](text, codes)                                               # (B, N_m)
-        loss, _ = prefix_grpo_loss(logp, logp.detach(), adv, k_s, GRPOLossConfig())
+    def step(k):                                                   # what a learner rank does with one micro-batch
+        loss, _ = micro_step(scorers[k], batches[k], prefixes[k], GRPOLossConfig())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -26,7 +26,9 @@ from policy.io import Policy
 from policy.scales import prefix_tokens
 from policy.scoring import score_prefix
 from rl.config import GRPOLossConfig
-from rl.learner import LearnerConfig, LearnerGroup, TrainBatch
+from rl.learner import LearnerGroup
+from rl.strategy import LearnerConfig
+from rl.update import TrainBatch
 
 GOAL = 0.8
 WORLD_M = {"tiny": 4, "256": 8}

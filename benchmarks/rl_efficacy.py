@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common import OUT, ROOT, md_table, write_result
 
+from core.atomic import atomic_write_text
 from policy.evaluate import paired_difference, wilson_interval
 from shapes.world import CATEGORIES
 
@@ -39,7 +40,7 @@ def train(name: str, overrides: list[str]) -> dict:
         cmd = [sys.executable, "-m", "rl", "train", str(CONFIG), f"name={name}", f"runs_dir={RUNS}", *overrides]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
-        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t:.1f}\n")
+        atomic_write_text(run_dir / "wall_seconds.txt", f"{time.perf_counter() - t:.1f}\n")
     return load_run(run_dir)
 
 

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from core.atomic import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 CPU_SET = ["sampling_speed", "kv_cache", "prefix_learner", "sampler_efficiency", "reward_batching", "weight_sync",
@@ -29,7 +31,7 @@ def update_readme(readme: Path = README, results: Path = HERE / "results") -> li
         if pattern.search(text):
             text = pattern.sub(lambda m: m.group(1) + md.read_text() + m.group(2), text)
             done.append(name)
-    readme.write_text(text)
+    atomic_write_text(readme, text)
     return done
 
 

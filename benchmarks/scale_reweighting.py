@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import trange
 
+from core.atomic import atomic_write_text
 from policy.losses import next_scale_loss
 from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
@@ -72,8 +73,8 @@ def main() -> None:
     for (s, a0), (_, a9) in zip(curves[0.0], curves[0.9]):
         rows.append(f"| {s} | {coarse(a0):.3f} | {coarse(a9):.3f} | {a0[num_scales - 1]:.3f} | {a9[num_scales - 1]:.3f} |")
     OUT.mkdir(exist_ok=True)
-    (OUT / "scale_reweighting.json").write_text(json.dumps({str(a): c for a, c in curves.items()}, indent=1))
-    (OUT / "scale_reweighting.md").write_text("\n".join(rows) + "\n")
+    atomic_write_text(OUT / "scale_reweighting.json", json.dumps({str(a): c for a, c in curves.items()}, indent=1))
+    atomic_write_text(OUT / "scale_reweighting.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
 
 

@@ -1,7 +1,8 @@
 """Atomic run checkpoints: RUN/checkpoints/step_XXXXXX/{learner/, driver_state.json}.
 
-A checkpoint is written into a hidden temporary folder, fsynced, and renamed into place; `driver_state.json` is
-written last, so a folder without it is never picked up. The last K are kept.
+A checkpoint is written into a hidden temporary folder, fsynced, and swapped into place (core.atomic.atomic_dir:
+an old folder of the same step is removed only after the new one is in place); `driver_state.json` is written
+last, so a folder without it is never picked up. The last K are kept.
 """
 from __future__ import annotations
 
@@ -14,22 +15,9 @@ from typing import Callable
 
 import torch
 
+from core.atomic import atomic_dir
+
 STATE = "driver_state.json"
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -42,22 +30,12 @@ def _remove(path: Path) -> None:
 def save_checkpoint(run_dir: Path, step: int, state: dict, write_learner: Callable[[Path], None], keep: int) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}"
-    for leftover in root.glob(".t*-step_*"):  # temporaries and trash of a process killed while writing
+    for leftover in [*root.glob(".step_*"), *root.glob(".t*-step_*")]:  # temporaries / trash of a killed process
         shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    final = root / f"step_{step:06d}"
+    with atomic_dir(final) as tmp:
         write_learner(tmp / "learner")
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))   # last; atomic_dir fsyncs the tree before the swap
     for old in list_checkpoints(run_dir)[:-keep]:
         _remove(old)
     return final

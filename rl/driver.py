@@ -20,15 +20,17 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from core.atomic import atomic_write_text
 from rewards.client import RewardServiceError
 from rl.checkpoint import check_learner_checkpoint, latest_checkpoint, load_state, save_checkpoint
-from rl.config import RunConfig
+from rl.config import RunConfig, VMRConfig
 from rl.control import NAMESPACE, start_control
 from rl.grpo import group_advantages, zero_std_fraction
 from rl.learner import LearnerDied
 from rl.prompts import load_prompts, prompts_at
 from rl.tracking import Tracker
-from rl.vmr import completion_batch, prefix_scores, vmr_metrics
+from rl.update import TrainBatch
+from rl.vmr import PrefixScores, completion_batch, prefix_scores, vmr_metrics
 
 from rollout.pool import RolloutPool
 from rollout.record import rollout_table, write_step
@@ -73,9 +75,7 @@ def trim_eval_curve(path: Path, step: int) -> None:
     """On resume, drop the held-out evaluations a dead driver logged after the checkpoint it resumes from."""
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def last_line(e: BaseException) -> str:
@@ -102,14 +102,54 @@ def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -
             for i, ((p, meta), t) in enumerate(zip(picked, ids))]
 
 
-def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int):
-    from rl.learner import TrainBatch
-
+def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int) -> TrainBatch:
+    """The learner's rows in unit order (G per unit): row i's text, codes and old log-probs are those of sample i."""
     rows = [results[u.uid] for u in units]
     text = [list(u.text_ids) for u in units for _ in range(u.group_size)]
     codes = [torch.from_numpy(np.concatenate([r.codes[s] for r in rows])) for s in range(m)]
     old = torch.from_numpy(np.concatenate([r.logprobs for r in rows]))
     return TrainBatch(text_ids=text, codes=codes, old_logprobs=old, advantages=advantages.reshape(-1).float())
+
+
+@dataclass
+class StepRows:
+    """One step's B = P x G rows, all in unit order (row p * G + j = sample j of unit p)."""
+    images: np.ndarray          # (B, H, W, 3) uint8 rollout images
+    prompts: list[str]          # (B,)
+    prefix: PrefixScores        # rewards / values (P, G), completions (P, G, K), components (B,)
+    advantages: torch.Tensor    # (P, G)
+    batch: TrainBatch
+
+
+def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, m: int, vmr: VMRConfig,
+                  normalize_std: bool, adv_eps: float) -> StepRows:
+    """Rollouts -> reward batch -> `score(images, prompts, metadata)` -> prefix values -> advantages -> TrainBatch.
+
+    Every row follows `units`, never the order the results came back in (`results` is keyed by uid)."""
+    images = np.concatenate([results[u.uid].images for u in units])
+    prompts = [u.prompt for u in units for _ in range(u.group_size)]
+    meta = [u.metadata for u in units for _ in range(u.group_size)]
+    scored = score(*completion_batch(units, results, images, prompts, meta, vmr.k))     # B * K images (VMR)
+    prefix = prefix_scores(scored.total, scored.components, len(units), units[0].group_size, vmr)
+    adv = group_advantages(prefix.values, normalize_std, adv_eps)
+    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m))
+
+
+def step_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rows: StepRows):
+    """The rollout record of a step (rollout/record.py), one row per sample in unit order."""
+    p = rows.prefix
+    return rollout_table(step, units, results, p.rewards.view(-1).numpy(), p.components,
+                         rows.advantages.view(-1).numpy(), p.values.reshape(-1).numpy(),
+                         p.completions.reshape(len(rows.images), -1).numpy())
+
+
+def step_metrics(rows: StepRows, workers: int) -> dict[str, float]:
+    """Reward, group and VMR statistics of one step (and the pool's size)."""
+    p = rows.prefix
+    return {"reward/mean": p.rewards.mean().item(), "reward/std": p.rewards.std().item(),
+            "zero_std_groups": zero_std_fraction(p.values), "rollout/workers": workers, **vmr_metrics(p),
+            **{f"reward/{k}/mean": float(v.mean()) for k, v in p.components.items()},
+            **{f"reward/{k}/std": float(v.std()) for k, v in p.components.items()}}
 
 
 class Driver:
@@ -143,9 +183,8 @@ class Driver:
             raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({problem})")
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir / ".config.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-            os.replace(tmp, self.run_dir / "config.yaml")
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"),
+                                                                           sort_keys=False))
         except OSError as e:
             raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({e.strerror})") from None
         if ckpt is None:
@@ -156,21 +195,21 @@ class Driver:
         return state, ckpt
 
     def _start(self, state: DriverState, ckpt: Path | None) -> None:
-        from policy.io import Policy
+        from policy.text_tokenizer import load_text_tokenizer
         from rewards.client import RewardClient
         from rewards.service import start_service
         from rl.learner import LearnerGroup
 
         cfg = self.cfg
         if not ray.is_initialized():
-            ray.init(namespace=NAMESPACE, logging_level="WARNING")
+            ray.init(namespace=NAMESPACE, logging_level="WARNING", log_to_driver=cfg.logging.verbose)  # else: files
         self.control = start_control(cfg.name, cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
-        self.rewards = RewardClient(start_service(cfg.rewards), cfg.rewards)
+        self.rewards = RewardClient(start_service(cfg.rewards, cfg.logging.verbose), cfg.rewards)
         learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})
         self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg)
         if ckpt is not None:
             self.learner.load(ckpt / "learner")  # checked in _prepare_run_dir
-        self.tokenizer = Policy.load(cfg.policy_path).tokenizer
+        self.tokenizer = load_text_tokenizer(Path(cfg.policy_path) / "text_tokenizer")  # no model weights here
         self.items = load_prompts(cfg.prompts)
         r = cfg.rollout
         lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
@@ -198,37 +237,22 @@ class Driver:
         t0 = time.perf_counter()
         units = make_units(cfg, step, state.cursor, self.items, self.tokenizer)
         results = self._timed("rollout", self.pool.run, units)
-        images = np.concatenate([results[u.uid].images for u in units])
-        prompts = [u.prompt for u in units for _ in range(u.group_size)]
-        meta = [u.metadata for u in units for _ in range(u.group_size)]
-        batch = completion_batch(units, results, images, prompts, meta, cfg.vmr.k)  # B * K images (VMR)
-        scored = self._timed("reward", self.rewards.score, *batch)
-        prefix = prefix_scores(scored.total, scored.components, len(units), cfg.group_size, cfg.vmr)
-        rewards = prefix.rewards
-        adv = group_advantages(prefix.values, cfg.normalize_std, cfg.adv_eps)
-        learn = self._timed("learner", self.learner.step, train_batch(units, results, adv, cfg.m))
+        score = lambda *batch: self._timed("reward", self.rewards.score, *batch)  # noqa: E731
+        rows = assemble_step(units, results, score, cfg.m, cfg.vmr, cfg.normalize_std, cfg.adv_eps)
+        learn = self._timed("learner", self.learner.step, rows.batch)
         self._timed("sync", lambda: self.pool.broadcast(*self.learner.publish()))
         if self.pool.version != step:
             raise RuntimeError(f"learner is at weight version {self.pool.version}, the driver at step {step}")
         state.step, state.cursor, state.version = step, state.cursor + len(units), step
         t_log = time.perf_counter()
-        components = prefix.components
-        metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   "zero_std_groups": zero_std_fraction(prefix.values), "rollout/workers": self.pool.size,
-                   **vmr_metrics(prefix),
-                   **{f"reward/{k}/mean": float(v.mean()) for k, v in components.items()},
-                   **{f"reward/{k}/std": float(v.std()) for k, v in components.items()},
-                   **{f"learner/{k}": v for k, v in learn.items()},
+        metrics = {**step_metrics(rows, self.pool.size), **{f"learner/{k}": v for k, v in learn.items()},
                    **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
         with self._writing(f"the records of step {step}"):
-            write_step(self.run_dir, step, rollout_table(step, units, results, rewards.view(-1).numpy(),
-                                                          components, adv.view(-1).numpy(),
-                                                          prefix.values.reshape(-1).numpy(),
-                                                          prefix.completions.reshape(len(images), -1).numpy()))
+            write_step(self.run_dir, step, step_table(step, units, results, rows))
             if step % cfg.logging.grid_every == 0 or step == cfg.steps:
-                n = min(cfg.logging.grid_size, len(images))
-                captions = [f"{p} R={r:.2f}" for p, r in zip(prompts, rewards.view(-1).tolist())]
-                self.tracker.grid(step, images[:n], captions[:n])
+                n = min(cfg.logging.grid_size, len(rows.images))
+                rewards = rows.prefix.rewards.view(-1).tolist()
+                self.tracker.grid(step, rows.images[:n], [f"{p} R={r:.2f}" for p, r in zip(rows.prompts, rewards)][:n])
             self.timings["logging"] = time.perf_counter() - t_log
             metrics.update({f"time/{k}": v for k, v in self.timings.items()})
             metrics["time/step"] = time.perf_counter() - t0
@@ -248,12 +272,9 @@ class Driver:
 
     # ------------------------------------------------------------------ evaluation and export
     def export_policy(self, name: str = "final_policy") -> Path:
-        """The current policy as a policy directory (LoRA adapters merged): RUN/final_policy."""
-        from policy.io import Policy
-        from policy.weights import export_policy
-
+        """The current policy as a policy directory (LoRA adapters merged): RUN/final_policy, written by the learner."""
         out = self.run_dir / name
-        export_policy(Policy.load(self.cfg.policy_path), self.learner.trainable_state(), self.cfg.learner.lora, out)
+        self.learner.export(out)
         return out
 
     def evaluate(self, policy_dir: str | Path, tag: str, step: int) -> dict:
@@ -329,7 +350,7 @@ class Driver:
                 self.tracker.log(state.step, {f"eval/after/{k}": v for k, v in summary["eval_after"].items()})
                 summary["paired"] = self.compare_before_after()
         with self._writing("summary.json"):
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
     def shutdown(self) -> None:

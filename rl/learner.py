@@ -2,8 +2,7 @@
 
     driver  LearnerGroup.step(batch)        splits the B rows into N contiguous shards, one per rank
     rank r  LearnerActor.step(shard)        micro-batches in a fixed order; per micro-batch:
-                                              logp = score_prefix(model, vq, text, codes, m)    (policy/scoring.py)
-                                              loss = prefix_grpo_loss(logp, old, adv, k, ...)     (rl/grpo.py)
+                                              loss = micro_step(...)          (rl/update.py: the math, pure)
                                               engine.backward(loss); engine.step()
     one optimiser step per pass over the shard (DeepSpeed gradient accumulation = micro-batches per rank);
     `passes` passes over the same batch (PPO-style epochs; old log-probs stay those of the rollouts).
@@ -13,134 +12,44 @@ the DeepSpeed module (it only turns codes into input features). Reference model 
 model with its adapters disabled (no second copy); without LoRA a frozen copy of the initial weights (a full
 replica on every rank, also under ZeRO-3); beta == 0 loads none.
 
-Defaults derived here (user `deepspeed` dict merged over them, see `deepspeed_config`): ZeRO stage 0, fp32 on CPU
-and bf16 on GPU, gradient_clipping = grad_clip, micro-batch = min(micro_batch_size, rows per rank),
-gradient_accumulation_steps = ceil(rows per rank / micro-batch) (a smaller last micro-batch is weighted by its rows). AdamW(betas, weight_decay) is a torch optimiser passed to
-deepspeed.initialize (no DeepSpeed op needs compiling); weight decay applies to parameters with dim >= 2 only
-(matrices and embeddings, not biases or norms; nanoGPT style).
+The DeepSpeed config comes from rl/strategy.py (deepspeed_config), the optimiser from policy/optim.py (torch AdamW
+passed to deepspeed.initialize: no DeepSpeed op needs compiling; weight decay on parameters with dim >= 2 only).
 
 Metrics of a step are means over ranks x passes x micro-batches (maxima for ratio_max and
 ratio_first_pass_max_abs_dev = max |rho - 1| over every micro-batch of the first pass: all of them run before the
 first optimiser step, so it checks that the rollouts' old log-probs equal the learner's). `version` counts steps;
-`publish()` hands out (version, object ref of the trainable state: all weights, or only the LoRA adapters).
+`publish()` hands out (version, object ref of the trainable state: all weights, or only the LoRA adapters);
+`export(out)` writes the current policy as a policy directory from rank 0 (the driver holds no weights).
 Determinism: every rank seeds from cfg.seed, no dropout by default, fixed shard and micro-batch order.
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 import random
 import socket
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
-import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from policy.scales import prefix_tokens, scale_index_per_token, scale_weights
-from policy.scoring import PrefixScores, score_prefix
+from policy.scales import prefix_tokens
+from policy.scoring import PrefixScores
+from policy.weights import apply_lora, trainable_state
 from rl.config import GRPOLossConfig
-from rl.grpo import per_scale_mean, prefix_grpo_loss
-from policy.weights import LoraSettings, apply_lora, trainable_state
-from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale, rows_per_rank  # noqa: F401
+from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale
+from rl.update import (
+    PrefixScorer, TrainBatch, base_model, learner_optimizer, micro_batches, micro_step, prefix_of, reduce_metrics,
+    ref_logprobs, register_direct_params, split_rows,
+)
 
 CHECKPOINT_TAG = "learner"
-
-
-# ------------------------------------------------------------------------------------------------ the batch
-@dataclass
-class TrainBatch:
-    text_ids: list[list[int]]      # B prompts (token ids, no padding)
-    codes: list[torch.Tensor]      # codes of scales 1..m (more are ignored), each (B, h_s, w_s) long
-    old_logprobs: torch.Tensor     # (B, N_m) log-probs of the rollouts (unguided conditional policy)
-    advantages: torch.Tensor       # (B,)
-
-    def __post_init__(self):
-        b = len(self.text_ids)
-        lp, adv = tuple(self.old_logprobs.shape), tuple(self.advantages.shape)
-        if any(c.shape[0] != b for c in self.codes) or lp[0] != b or adv != (b,):
-            raise ValueError(f"batch: {b} prompts, but codes {[tuple(c.shape) for c in self.codes]}, "
-                             f"old_logprobs {lp}, advantages {adv}")
-
-    def __len__(self) -> int:
-        return len(self.text_ids)
-
-    def rows(self, lo: int, hi: int) -> "TrainBatch":
-        return TrainBatch(self.text_ids[lo:hi], [c[lo:hi] for c in self.codes], self.old_logprobs[lo:hi],
-                          self.advantages[lo:hi])
-
-
-def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
-    """Contiguous micro-batches of `size` rows in order (the last one may be smaller)."""
-    return [batch.rows(i, i + size) for i in range(0, len(batch), size)]
-
-
-def split_rows(batch: TrainBatch, parts: int) -> list[TrainBatch]:
-    """Contiguous, equal shards in order (rank r gets rows r*B/parts ... (r+1)*B/parts - 1)."""
-    if len(batch) % parts:
-        raise ValueError(f"batch: {len(batch)} rows do not split evenly into {parts} parts")
-    n = len(batch) // parts
-    return [batch.rows(i * n, (i + 1) * n) for i in range(parts)]
-
-
-MAX_KEYS = ("ratio_max", "ratio_first_pass_max_abs_dev")
-
-
-def reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over records (ranks x passes x micro-batches) of each key; maxima for the *max* keys."""
-    keys = sorted({k for r in records for k in r})
-    out = {}
-    for k in keys:
-        vals = [r[k] for r in records if k in r]
-        out[k] = max(vals) if k in MAX_KEYS else sum(vals) / len(vals)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ the module
-class PrefixScorer(nn.Module):
-    """What DeepSpeed wraps: the policy transformer (maybe with LoRA); forward = score_prefix over scales 1..m.
-
-    The vq is held outside the module tree: frozen, never partitioned, cast or handed to the optimiser.
-    """
-
-    def __init__(self, model: nn.Module, vq: nn.Module, m: int):
-        super().__init__()
-        self.model = model
-        self.__dict__["vq"] = vq
-        self.m = m
-
-    def forward(self, text_ids: list[list[int]], codes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        s = score_prefix(self.model, self.vq, text_ids, codes, self.m)
-        return s.logprobs, s.entropy                                           # (B, N_m) each
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The NextScaleLM inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def register_direct_params(scorer: PrefixScorer) -> None:
-    """ZeRO-3: parameters that NextScaleLM uses outside their own module's forward (head rows, scale embedding)."""
-    from deepspeed.runtime.zero import register_external_parameter
-
-    lm = base_model(scorer.model)
-    for p in (lm.lm_head.weight, lm.scale_embed.weight):
-        register_external_parameter(scorer, p)
-
-
-def adamw(module: nn.Module, cfg: LearnerConfig) -> torch.optim.AdamW:
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
 
 
 def seed_everything(seed: int) -> None:
@@ -203,14 +112,14 @@ class LearnerActor:
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         if self.zero_stage == 3:
             register_direct_params(scorer)
-        self.engine, *_ = deepspeed.initialize(model=scorer, optimizer=adamw(scorer, self.cfg), config=self.ds_config)
+        self.engine, *_ = deepspeed.initialize(model=scorer, optimizer=learner_optimizer(scorer, self.cfg),
+                                                config=self.ds_config)
         self.vq = policy.vq.to(self.engine.device)
         if self.ref is not None:
             dtype = next(self.engine.module.parameters()).dtype
             self.ref = PrefixScorer(self.ref.to(self.engine.device, dtype), self.vq, self.m)
         sched = base_model(model).schedule[: self.m]
-        self.k = scale_weights(sched, self.alpha)[scale_index_per_token(sched)].to(self.engine.device)  # (N_m,)
-        self.scale_of_token = scale_index_per_token(sched).to(self.engine.device)                       # (N_m,)
+        self.prefix = prefix_of(sched, self.m, self.alpha, self.engine.device)  # k_s and scale of each token
         self._last_grad_norm = 0.0
         return {"schedule": sched, "tokens": prefix_tokens(sched, self.m), "zero_stage": self.zero_stage,
                 "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
@@ -228,10 +137,6 @@ class LearnerActor:
         with self.engine.module.model.disable_adapter():
             return self.engine(text_ids, codes)
 
-    @torch.no_grad()
-    def _ref_logprobs(self, mb: TrainBatch) -> torch.Tensor | None:
-        return self._scores(mb.text_ids, mb.codes, reference=True)[0] if self.loss_cfg.beta else None
-
     # -------------------------------------------------------------------------------------------- training
     def step(self, shard: TrainBatch) -> list[dict[str, float]]:
         micro = micro_batches(shard, self.ds_config["train_micro_batch_size_per_gpu"])
@@ -239,7 +144,8 @@ class LearnerActor:
         if len(micro) != gas:
             raise ValueError(f"batch: {len(shard)} rows on rank {self.rank} make {len(micro)} micro-batches, not {gas}")
         cpu0 = time.process_time()
-        refs = [self._ref_logprobs(mb) for mb in micro]                # constant over passes
+        reference = partial(self._scores, reference=True)
+        refs = [ref_logprobs(reference, mb, self.loss_cfg) for mb in micro]   # constant over passes
         self.engine.train()
         records = []
         for p in range(self.cfg.passes):
@@ -251,10 +157,8 @@ class LearnerActor:
         return records
 
     def _micro_step(self, mb: TrainBatch, ref: torch.Tensor | None, scale: float, first_pass: bool) -> dict:
-        dev = self.engine.device
-        old, adv = mb.old_logprobs.to(dev).float(), mb.advantages.to(dev).float()
-        logp, entropy = self._scores(mb.text_ids, mb.codes)                           # (b, N_m) each
-        loss, metrics = prefix_grpo_loss(logp, old, adv, self.k, self.loss_cfg, ref)
+        """rl.update.micro_step, then DeepSpeed's backward and step (an optimiser step at the accumulation boundary)."""
+        loss, metrics = micro_step(self._scores, mb, self.prefix, self.loss_cfg, ref, first_pass)
         self.engine.backward(loss * scale)
         boundary = self.engine.is_gradient_accumulation_boundary()
         manual_norm = self._grad_norm() if boundary and self.zero_stage == 0 else None
@@ -262,12 +166,6 @@ class LearnerActor:
         if boundary:
             norm = self.engine.get_global_grad_norm()
             self._last_grad_norm = float(norm if norm is not None else manual_norm)
-        metrics["loss"] = loss.item()
-        if first_pass:
-            metrics["ratio_first_pass_max_abs_dev"] = (logp.detach() - old).exp().sub(1).abs().max().item()
-        for name, x in (("logp", logp.detach()), ("entropy", entropy.detach())):
-            for s, v in enumerate(per_scale_mean(x, self.scale_of_token, self.m).tolist()):
-                metrics[f"{name}/scale{s + 1}"] = v
         return metrics
 
     def _grad_norm(self) -> float:
@@ -292,6 +190,16 @@ class LearnerActor:
         self.engine.eval()
         lp, ent = self._scores(text_ids, codes, reference)
         return PrefixScores(lp.float().cpu(), ent.float().cpu())
+
+    def export(self, out_dir: str) -> str | None:
+        """Rank 0 writes the current policy as a plain policy directory (LoRA merged); ZeRO-3: every rank gathers."""
+        from policy.io import Policy
+        from policy.weights import export_policy
+
+        state = self.trainable_state()
+        if self.rank != 0:
+            return None
+        return str(export_policy(Policy.load(self.policy_dir), state, self.cfg.lora, out_dir))
 
     def save(self, path: str, client_state: dict) -> None:
         self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client_state,
@@ -387,6 +295,12 @@ class LearnerGroup:
         refs = [a.trainable_state.remote() for a in ranks]
         gather(refs[1:], "a weight gather")
         return self.version, refs[0]
+
+    def export(self, out_dir: str | Path) -> Path:
+        """The current policy as a policy directory at `out_dir` (shared storage), written by rank 0."""
+        ranks = self.actors if self.info["zero_stage"] == 3 else self.actors[:1]   # ZeRO-3: all ranks gather
+        out = str(Path(out_dir).resolve())                                          # actors have their own cwd
+        return Path(gather([a.export.remote(out) for a in ranks], "the policy export")[0])
 
     def score(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool = False) -> PrefixScores:
         """Per-token log-probs / entropy of scales 1..m under the learner's model (or its reference), no grad."""

@@ -1,12 +1,14 @@
 """What a run shows: metrics JSONL (flushed every step), wandb (offline by default), PNG grids, a reward curve."""
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from core.atomic import atomic_write_bytes, atomic_write_text
 from core.config import redact_secrets
 from policy.images import save_grid
 
@@ -17,11 +19,8 @@ class Tracker:
         """resume_step: rows logged after this step (by a run that died before its next checkpoint) are dropped."""
         self.run_dir = Path(run_dir)
         self.history = [r for r in load_history(self.run_dir) if r["step"] <= resume_step]
-        path = self.run_dir / "metrics.jsonl"
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        os.replace(tmp, path)
-        self.file = open(path, "a")
+        path = atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        self.file = open(path, "a")  # then appends, flushed and fsynced every step
         self.wandb = None
         if mode != "disabled":
             import wandb
@@ -66,10 +65,10 @@ class Tracker:
         ax.set_ylabel("reward")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = self.run_dir / "reward_curve.png"
-        fig.savefig(path, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
-        return path
+        return atomic_write_bytes(self.run_dir / "reward_curve.png", buf.getvalue())
 
     def close(self) -> None:
         self.file.close()

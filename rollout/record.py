@@ -7,13 +7,13 @@ completion_rewards (the K completions' rewards of the sample's prefix; [reward] 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.atomic import atomic_write_bytes
 from policy.images import png_bytes
 from rollout.units import UnitResult, WorkUnit, completion_seeds, sample_seeds
 
@@ -61,16 +61,7 @@ def vmr_columns(units: list[WorkUnit], rewards: np.ndarray, values: np.ndarray |
 
 
 def write_step(run_dir: str | Path, step: int, table: pa.Table) -> Path:
-    out = Path(run_dir) / "rollouts"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step_{step:06d}.parquet"
-    tmp = out / f".{path.name}.tmp"  # dot files are not part of the dataset
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def read_rollouts(run_dir: str | Path) -> pa.Table:
-    return pq.read_table(Path(run_dir) / "rollouts")
+    """RUN/rollouts/step_XXXXXX.parquet, written atomically (its temporary is a dot file: not part of the dataset)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(Path(run_dir) / "rollouts" / f"step_{step:06d}.parquet", buf.getvalue().to_pybytes())

@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.config import absolute_path
 from policy.io import Policy
 from policy.losses import next_scale_loss
+from policy.optim import configure_optimizers
 from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
 from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
@@ -26,22 +27,25 @@ from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM
 
 class Phase(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int
-    scales: int | None = None        # train scales 1..scales (None: all)
-    alpha: float = 0.0               # scale-weight exponent (NextFlow: 0.9 from its second resolution stage)
-    freeze_backbone: bool = False    # alignment: train only image inputs, scale embeddings and the head
+    steps: int = Field(description="steps of this phase")
+    scales: int | None = Field(None, description="train scales 1..scales (null: all)")
+    alpha: float = Field(0.0, description="scale-weight exponent (NextFlow: 0.9 from its second resolution stage)")
+    freeze_backbone: bool = Field(False, description="alignment: train only image inputs, scale embeddings and "
+                                                     "the head")
 
 
 class PretrainConfig(StageConfig):
-    vq_path: str | None = None          # the tokenizer stage's output (ignored when policy_path is set)
-    policy_path: str | None = None      # continue from a saved policy (SFT)
-    init_from: str | None = None        # a Hugging Face Qwen2 / Qwen2.5 directory to initialise the backbone
-    backbone: BackboneConfig = BackboneConfig()
-    phases: list[Phase] = [Phase(steps=100)]
-    self_correct: float = 0.6           # fraction of input tokens per scale drawn from the top-k nearest codes
-    self_correct_topk: int = 4
-    prompt_dropout: float = 0.1         # probability of training on the null (empty) prompt
-    categories: list[str] | None = None  # restrict the prompts (SFT's curated subset)
+    vq_path: str | None = Field(None, description="the tokenizer stage's output (ignored when policy_path is set)")
+    policy_path: str | None = Field(None, description="continue from a saved policy (SFT)")
+    init_from: str | None = Field(None, description="a Hugging Face Qwen2 / Qwen2.5 directory to initialise the "
+                                                    "backbone")
+    backbone: BackboneConfig = Field(BackboneConfig(), description="the transformer of a new policy")
+    phases: list[Phase] = Field([Phase(steps=100)], description="training phases in order; steps is their sum")
+    self_correct: float = Field(0.6, description="fraction of input tokens per scale drawn from the top-k nearest "
+                                                 "codes")
+    self_correct_topk: int = Field(4, description="k of self_correct")
+    prompt_dropout: float = Field(0.1, description="probability of training on the null (empty) prompt")
+    categories: list[str] | None = Field(None, description="restrict the prompts (SFT's curated subset)")
 
     @model_validator(mode="after")
     def _steps_from_phases(self):
@@ -111,7 +115,7 @@ def make_step_fn(cfg: PretrainConfig, policy: Policy, rank: int = 0):
 
 
 def make_optimizer(cfg: PretrainConfig, model: NextScaleLM) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    return configure_optimizers(model, cfg.lr, (0.9, 0.95), cfg.weight_decay)
 
 
 def train_fn(config: dict) -> None:

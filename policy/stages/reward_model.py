@@ -13,14 +13,16 @@ from pathlib import Path
 
 import open_clip
 import torch
+from pydantic import Field
 from safetensors.torch import save_file
 
 import policy.teacher  # noqa: F401  (registers the shapes-world open_clip configs)
+from policy.optim import configure_optimizers
 from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
 
 
 class RewardModelConfig(StageConfig):
-    model: str = "shapes-clip-tiny"
+    model: str = Field("shapes-clip-tiny", description="open_clip model config to train from scratch")
 
 
 def unique_specs(rng, n: int):
@@ -52,7 +54,7 @@ def train_fn(config: dict) -> None:
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     loss_fn = open_clip.ClipLoss(rank=rank, world_size=size, local_loss=True, gather_with_grad=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = configure_optimizers(model, cfg.lr, weight_decay=cfg.weight_decay)
 
     def step_fn(step: int):
         rng = step_rng(cfg.seed, step, rank)

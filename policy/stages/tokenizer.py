@@ -9,18 +9,20 @@ from __future__ import annotations
 import sys
 
 import torch
+from pydantic import Field
 
+from policy.optim import configure_optimizers
 from policy.scales import tiny_schedule
 from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
 from policy.tokenizer import MultiScaleVQ, VQConfig
 
 
 class TokenizerStageConfig(StageConfig):
-    vq: VQConfig = VQConfig(schedule=tiny_schedule())
-    beta: float = 0.25                     # commitment weight
-    fg_weight: float = 4.0                 # extra reconstruction weight on non-background pixels
-    restart_every: int = 25                # steps between dead-code restarts (0: never)
-    semantic_weight: float = 1.0
+    vq: VQConfig = Field(VQConfig(schedule=tiny_schedule()), description="the tokenizer's architecture")
+    beta: float = Field(0.25, description="commitment weight")
+    fg_weight: float = Field(4.0, description="extra reconstruction weight on non-background pixels")
+    restart_every: int = Field(25, description="steps between dead-code restarts (0: never)")
+    semantic_weight: float = Field(1.0, description="weight of the semantic (teacher) loss")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -72,8 +74,7 @@ def train_fn(config: dict) -> None:
         teacher = SemanticTeacher(cfg.vq.teacher, cfg.vq.teacher_pretrained, grid=cfg.vq.grid)
         head = torch.nn.Conv2d(cfg.vq.sem_dim, teacher.dim, 1)
         modules["sem_head"] = head
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = configure_optimizers(torch.nn.ModuleDict(modules), cfg.lr, weight_decay=cfg.weight_decay)
 
     def step_fn(step: int):
         images, _ = scene_batch(step_rng(cfg.seed, step, rank), sample_specs(step_rng(cfg.seed, step, rank), cfg.batch_size, split="all"))
