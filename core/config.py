@@ -59,10 +59,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+TYPE_TAGS = {"int", "float", "str", "bool", "bytes", "none", "dict", "list", "tuple", "set"}
+
+
+def is_union_tag(part) -> bool:
+    """pydantic names the member of a union in an error's location (`top_k.int`, `top_k.list[int]`); a field
+    name never looks like a type."""
+    return isinstance(part, str) and (part in TYPE_TAGS or "[" in part or part[:1].isupper())
+
+
 def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     msg = first["msg"].removeprefix("Value error, ")
-    field = ".".join(str(p) for p in first["loc"])
+    field = ".".join(str(p) for p in first["loc"] if not is_union_tag(p))
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if msg != first["msg"]:  # a cross-field check of a model validator names its field itself ...
         if not field:

@@ -210,8 +210,10 @@ def main(cls: type[StageConfig], train_fn: Callable[[dict], None], argv: list[st
 
         module = importlib.import_module(sys.modules["__main__"].__spec__.name)
         cls, train_fn = getattr(module, cls.__name__), module.train_fn
-    about = (sys.modules[train_fn.__module__].__doc__ or "").split("\n\n")
-    cfg = parse_config_args(cls, argv, f"python -m {train_fn.__module__} CONFIG [key.sub=value ...] [--print-config]",
+    module = sys.modules[cls.__module__]  # the stage's own module (sft.py reuses pretrain's train_fn)
+    name = module.__spec__.name if module.__spec__ else cls.__module__
+    about = (module.__doc__ or "").split("\n\n")
+    cfg = parse_config_args(cls, argv, f"python -m {name} CONFIG [key.sub=value ...] [--print-config]",
                             "\n\n".join([about[0]] + about[2:]))
     if isinstance(cfg, int):
         return cfg
