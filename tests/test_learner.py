@@ -255,7 +255,7 @@ def test_two_rank_zero2_step(local_ray, world, full_batch_grad_norm):
 
 
 @pytest.mark.slow
-def test_lora_learner_sends_adapters_only(local_ray, world):
+def test_lora_learner_sends_adapters_only(local_ray, world, tmp_path):
     policy, path, batch = world
     settings = LoraSettings(r=1, alpha=2)
     cfg = LearnerConfig(micro_batch_size=4, passes=2, lr=1e-2, lora=settings)
@@ -268,6 +268,7 @@ def test_lora_learner_sends_adapters_only(local_ray, world):
         state = ray.get(ref)
         learner = group.score(batch.text_ids, batch.codes)
         reference = group.score(batch.text_ids, batch.codes, reference=True)
+        exported = group.export(tmp_path / "final")             # written by rank 0, adapters merged
     finally:
         group.shutdown()
     full = state_bytes(trainable_state(policy.model))
@@ -282,3 +283,8 @@ def test_lora_learner_sends_adapters_only(local_ray, world):
     assert (mine.entropy - learner.entropy).abs().max() <= 1e-5
     assert (learner.logprobs - base.logprobs).abs().max() > 1e-5  # the adapters did move
     assert (reference.logprobs - base.logprobs.detach()).abs().max() <= 1e-5
+    plain = Policy.load(exported)
+    assert exported == tmp_path / "final" and not has_lora(plain.model)
+    with torch.no_grad():
+        merged = score_prefix(plain.model, plain.vq, batch.text_ids, batch.codes, M)
+    assert (merged.logprobs - learner.logprobs).abs().max() <= 1e-5

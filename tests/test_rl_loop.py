@@ -43,26 +43,42 @@ def test_one_step_layout_and_first_pass_ratio(reference_run):
     assert not same_weights(w0, final_weights(reference_run))
 
 
+def _wait_for(cond, what: str, done: threading.Event, timeout: float = 300) -> None:
+    """Poll `cond` until true; fail (instead of hanging) once the driver has stopped or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if done.is_set():
+            raise RuntimeError(f"the driver stopped before {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def test_elastic_resize_gives_the_same_weights(reference_run, local_ray, rl_assets, tmp_path):
     # 1 -> 2 -> 1 workers while the run goes on, through the run's named control actor
     cfg = RunConfig(**run_config(rl_assets, tmp_path, "elastic", **{"rollout.workers": 1}))
     driver = Driver(cfg)
-    sizes = []
+    sizes, errors, done = [], [], threading.Event()
 
     def resize():
-        while not hasattr(driver, "pool"):
-            time.sleep(0.05)
-        control = ray.get_actor(control_name("elastic"), namespace=NAMESPACE)
-        ray.get(control.set_rollout_workers.remote(2))
-        while driver.pool.size < 2:
-            time.sleep(0.05)
-        sizes.append(driver.pool.size)
-        ray.get(control.set_rollout_workers.remote(1))
+        try:
+            _wait_for(lambda: hasattr(driver, "pool"), "rollout pool", done)
+            control = ray.get_actor(control_name("elastic"), namespace=NAMESPACE)
+            ray.get(control.set_rollout_workers.remote(2), timeout=60)
+            _wait_for(lambda: driver.pool.size >= 2, "second worker", done)
+            sizes.append(driver.pool.size)
+            ray.get(control.set_rollout_workers.remote(1), timeout=60)
+        except Exception as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
 
-    t = threading.Thread(target=resize)
+    t = threading.Thread(target=resize, daemon=True)
     t.start()
-    driver.run()
-    t.join()
+    try:
+        driver.run()
+    finally:
+        done.set()
+        t.join(timeout=60)
+    assert not t.is_alive() and not errors, errors
     assert sizes == [2] and driver.pool.stats["workers_added"] >= 2 and driver.pool.stats["workers_removed"] >= 1
     assert same_weights(final_weights(reference_run), final_weights(cfg.run_dir))
     assert rewards_per_step(reference_run) == rewards_per_step(cfg.run_dir)
