@@ -173,13 +173,19 @@ def grid_label(record: dict) -> str:
 
 
 def write_report(result: dict, images: np.ndarray, records: list[dict], out_dir: str | Path, grid_size: int) -> Path:
-    """OUT/scores.json (the summary plus "per_image": records) and OUT/samples.png (the captioned grid)."""
+    """OUT/scores.json (the summary plus "per_image": records), OUT/grid.npz and OUT/samples.png (the captioned
+    grid), each written atomically."""
+    import io
+
+    from core.atomic import atomic_write_bytes, atomic_write_text
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scores.json").write_text(json.dumps({**result, "per_image": records}, indent=1))
+    atomic_write_text(out / "scores.json", json.dumps({**result, "per_image": records}, indent=1))
     pick = grid_indices(len(images), grid_size)
     labels = [grid_label(records[i]) for i in pick]
-    np.savez_compressed(out / "grid.npz", images=images[pick], labels=np.array(labels))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images[pick], labels=np.array(labels))
+    atomic_write_bytes(out / "grid.npz", buf.getvalue())
     return save_grid(images[pick], labels, out / "samples.png", cols=5)
 
 

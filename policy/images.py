@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from core.atomic import atomic_write_bytes
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, P, P) float in [0, 1] -> (B, P, P, 3) uint8."""
@@ -35,7 +37,6 @@ def save_grid(images: np.ndarray, captions: list[str], path: str | Path, cols: i
         grid.paste(Image.fromarray(img).resize((p, p), Image.NEAREST), (x, y))
         for j, line in enumerate(textwrap.wrap(cap, wrap)):
             draw.text((x, y + p + 2 + 12 * j), line, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

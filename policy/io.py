@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from policy.scales import validate_schedule
+from core.atomic import atomic_dir
+from policy.scales import ScheduleField
 
 if TYPE_CHECKING:
     from policy.tokenizer import MultiScaleVQ
@@ -21,9 +22,18 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=BaseModel)
 
+# Keys transformers writes or reads beside a model's own fields in config.json; our configs ignore them on load.
+HF_METADATA_KEYS = ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype")
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+MAX_SHARD_SIZE = "5GB"  # weights above this are split into shards with an index (Hugging Face's layout)
 
-def read_json_config(file: str | Path, cls: type[M]) -> M:
-    """A model's `config.json` -> cls; a missing, non-JSON or invalid file is one line naming the file."""
+
+def read_json_config(file: str | Path, cls: type[M], model_type: str | None = None) -> M:
+    """A model's `config.json` -> cls; a missing, non-JSON or invalid file is one line naming the file.
+
+    With `model_type`, a file that names another model type is refused; transformers' metadata keys are dropped
+    (folders written before they were added have none, and load the same).
+    """
     from core.config import format_validation_error
 
     file = Path(file)
@@ -35,24 +45,75 @@ def read_json_config(file: str | Path, cls: type[M]) -> M:
         raise ValueError(f"{file}: not a readable JSON config ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    if model_type is not None:
+        if data.get("model_type", model_type) != model_type:
+            raise ValueError(f"{file}: model_type is {data['model_type']!r}, expected {model_type!r}")
+        data = {k: v for k, v in data.items() if k not in HF_METADATA_KEYS}
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         raise ValueError(f"{file}: {format_validation_error(e)}") from None
 
 
-def load_state_strict(model: nn.Module, file: str | Path, ignore_missing: set[str] = frozenset()) -> None:
-    """Load a safetensors file into `model`; any missing, unexpected or mis-shaped tensor is an error.
+def hf_config_dict(model_type: str, architecture: str | None, cfg: BaseModel) -> dict:
+    """config.json of a model folder: transformers' `model_type` (and `architectures`: the transformers class that
+    opens it, if any), then our own fields."""
+    import transformers
 
-    The file is fully read and checked before any parameter is touched.
+    head = {"model_type": model_type, "architectures": [architecture]} if architecture else {"model_type": model_type}
+    return {**head, "transformers_version": transformers.__version__, **cfg.model_dump(mode="json")}
+
+
+def save_model_folder(path: str | Path, config: dict, state: dict[str, torch.Tensor],
+                      max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+    """Write `path/config.json` and the weights as safetensors (sharded with an index above `max_shard_size`).
+
+    The folder is written aside and swapped in whole: a reader sees the old folder or the new one.
     """
-    file = Path(file)
+    from huggingface_hub import save_torch_state_dict
+
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    return Path(path)
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise FileNotFoundError(f"{file}: weights file not found")
     try:
-        state = load_file(file)
+        return load_file(file)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of a safetensors file, or of a model folder (one `model.safetensors`, or shards listed in
+    `model.safetensors.index.json`) -> (state, the file to name in errors)."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if not path.is_dir() or not index.exists():
+        file = path / WEIGHTS_FILE if path.is_dir() else path
+        return _read_safetensors(file), file
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a readable weights index ({type(e).__name__})") from None
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_read_safetensors(path / shard))
+    if set(state) != set(weight_map):
+        raise ValueError(f"{index}: the index and its shards list different tensors")
+    return state, index
+
+
+def load_state_strict(model: nn.Module, path: str | Path, ignore_missing: set[str] = frozenset()) -> None:
+    """Load a safetensors file or model folder (see `read_weights`) into `model`; any missing, unexpected or
+    mis-shaped tensor is an error.
+
+    The weights are fully read and checked before any parameter is touched.
+    """
+    state, file = read_weights(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state) - set(ignore_missing))
     unexpected = sorted(set(state) - set(own))
@@ -73,15 +134,10 @@ class PolicyConfig(BaseModel):
     """Either `path` (a saved policy directory) or the architecture of a fresh, randomly initialised one."""
     model_config = ConfigDict(extra="forbid")
     path: str | None = None
-    schedule: list[tuple[int, int]] = [(s, s) for s in (1, 2, 3, 4, 6, 8)]
+    schedule: ScheduleField = [(s, s) for s in (1, 2, 3, 4, 6, 8)]
     vq: dict = {}                 # VQConfig fields other than the schedule
     backbone: dict = {}           # BackboneConfig fields
     seed: int = 0                 # initialisation seed of a fresh policy
-
-    @field_validator("schedule")
-    @classmethod
-    def _check_schedule(cls, v):
-        return validate_schedule(v)
 
 
 @dataclass
@@ -91,12 +147,13 @@ class Policy:
     vq: "MultiScaleVQ"
     tokenizer: object
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        self.model.save_pretrained(path / "transformer")
-        self.vq.save_pretrained(path / "vq")
-        self.tokenizer.save_pretrained(str(path / "text_tokenizer"))
-        return path
+    def save(self, path: str | Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+        """`path/{transformer,vq,text_tokenizer}`, written aside and swapped in whole (never half a policy)."""
+        with atomic_dir(path) as tmp:
+            self.model.save_pretrained(tmp / "transformer", max_shard_size=max_shard_size)
+            self.vq.save_pretrained(tmp / "vq")
+            self.tokenizer.save_pretrained(str(tmp / "text_tokenizer"))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -108,18 +165,31 @@ class Policy:
         if not path.is_dir():
             raise FileNotFoundError(f"policy.path: {path} is not a policy directory")
         model, vq = NextScaleLM.from_pretrained(path / "transformer"), MultiScaleVQ.from_pretrained(path / "vq")
+        check_agreement(model.cfg, vq.cfg, path / "transformer", path / "vq")
         try:
             tokenizer = load_text_tokenizer(path / "text_tokenizer")
         except Exception as e:  # transformers raises many types (OSError, ValueError, Exception from tokenizers)
             cause = (str(e).strip().splitlines() or [""])[0][:200]
             raise ValueError(f"{path / 'text_tokenizer'}: not a readable tokenizer ({type(e).__name__}: {cause})") \
                 from None
+        if len(tokenizer) > model.cfg.text_vocab_size:
+            raise ValueError(f"{path / 'text_tokenizer'} and {path / 'transformer'} disagree on text_vocab_size: "
+                             f"the tokenizer has {len(tokenizer)} tokens, the transformer "
+                             f"{model.cfg.text_vocab_size} text rows")
         return cls(model, vq, tokenizer)
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         from policy.text_tokenizer import encode_prompts
 
         return encode_prompts(self.tokenizer, prompts)
+
+
+def check_agreement(model_cfg, vq_cfg, model_dir: Path, vq_dir: Path) -> None:
+    """The transformer reads and writes the tokenizer's codes: the same schedule, codebook size and code dim."""
+    for field in ("schedule", "num_codes", "code_dim"):
+        a, b = getattr(model_cfg, field), getattr(vq_cfg, field)
+        if a != b:
+            raise ValueError(f"{model_dir} and {vq_dir} disagree on {field}: {a} vs {b}")
 
 
 def build_policy(cfg: PolicyConfig) -> Policy:

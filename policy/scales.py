@@ -5,7 +5,10 @@ Everything here is pure Python / torch on small lists: no model state.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import AfterValidator
 
 Schedule = list[tuple[int, int]]
 
@@ -42,6 +45,10 @@ def validate_schedule(schedule: Schedule) -> Schedule:
         if h1 < h0 or w1 < w0:
             raise ValueError(f"schedule: scales must not shrink, ({h0}, {w0}) -> ({h1}, {w1})")
     return sched
+
+
+# The one schedule field every config uses (policy, tokenizer, transformer): validated here and nowhere else.
+ScheduleField = Annotated[list[tuple[int, int]], AfterValidator(validate_schedule)]
 
 
 def token_counts(schedule: Schedule) -> list[int]:

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, field_validator
-from safetensors.torch import save_file
+from pydantic import BaseModel, ConfigDict
 
-from policy.scales import Schedule, validate_schedule
+from policy.hf import VQ_MODEL_TYPE
+from policy.scales import Schedule, ScheduleField
 
 
 class VQConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schedule: list[tuple[int, int]]
+    schedule: ScheduleField
     image_size: int = 64
     channels: list[int] = [32, 64, 64]  # encoder width after the stem and at each stride-2 stage
     code_dim: int = 32                  # pixel code vector size = latent channels C
@@ -38,11 +38,6 @@ class VQConfig(BaseModel):
     refine_ratio: float = 0.5           # phi(z) = (1 - r) z + r conv(z)
     teacher: str | None = None          # open_clip model name of the frozen semantic teacher
     teacher_pretrained: str | None = None
-
-    @field_validator("schedule")
-    @classmethod
-    def _check_schedule(cls, v):
-        return validate_schedule(v)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -205,14 +200,6 @@ class MultiScaleVQ(nn.Module):
         """
         return upsample(self.lookup(codes), size).flatten(2).transpose(1, 2)
 
-    def all_scale_inputs(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Inputs for scales 2..len(codes)+1 (capped at S) from codes of scales 1..: (B, sum n_s, C)."""
-        sizes = self.schedule[1 : len(codes) + 1]
-        parts = [self.scale_inputs(c, size) for c, size in zip(codes, sizes)]
-        if not parts:
-            return self.pix_codebook.weight.new_zeros(codes[0].shape[0], 0, self.cfg.code_dim)
-        return torch.cat(parts, dim=1)
-
     # ------------------------------------------------------------------ training objective
     def losses(
         self, images: torch.Tensor, beta: float = 0.25, teacher_feats: torch.Tensor | None = None,
@@ -261,19 +248,19 @@ class MultiScaleVQ(nn.Module):
 
     # ------------------------------------------------------------------ weight I/O
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(self.cfg.model_dump_json(indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+        """config.json (with model_type) + model.safetensors, swapped in whole."""
+        from policy.io import hf_config_dict, save_model_folder
+
+        save_model_folder(path, hf_config_dict(VQ_MODEL_TYPE, None, self.cfg), dict(self.state_dict()))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MultiScaleVQ":
+        """Strict load of a folder from `save_pretrained` (with or without model_type)."""
         from policy.io import load_state_strict, read_json_config
 
         path = Path(path)
-        model = cls(read_json_config(path / "config.json", VQConfig))
-
-        load_state_strict(model, path / "model.safetensors")
+        model = cls(read_json_config(path / "config.json", VQConfig, model_type=VQ_MODEL_TYPE))
+        load_state_strict(model, path)
         return model.eval()
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, field_validator
-from safetensors.torch import save_file
-from transformers import Qwen2_5_VLTextConfig
+from pydantic import BaseModel, ConfigDict
+from transformers import PreTrainedModel, Qwen2_5_VLTextConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
-from policy.scales import Schedule, validate_schedule
+from policy.hf import MODEL_TYPE, NextScaleHFConfig
+from policy.io import MAX_SHARD_SIZE
+from policy.scales import Schedule, ScheduleField
 
 
 class BackboneConfig(BaseModel):
@@ -38,16 +39,11 @@ class BackboneConfig(BaseModel):
 class NextScaleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     backbone: BackboneConfig = BackboneConfig()
-    schedule: list[tuple[int, int]]
+    schedule: ScheduleField
     text_vocab_size: int
     num_codes: int
     code_dim: int
     pad_token_id: int = 0
-
-    @field_validator("schedule")
-    @classmethod
-    def _check_schedule(cls, v):
-        return validate_schedule(v)
 
     @property
     def image_offset(self) -> int:
@@ -58,12 +54,8 @@ class NextScaleConfig(BaseModel):
         return self.text_vocab_size + self.num_codes
 
     @property
-    def eoi_id(self) -> int:
-        return self.boi_id + 1
-
-    @property
     def vocab_size(self) -> int:
-        return self.boi_id + 2
+        return self.boi_id + 2  # <boi> and <eoi>
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -92,9 +84,12 @@ def text_config(cfg: NextScaleConfig) -> Qwen2_5_VLTextConfig:
     return tc
 
 
-class NextScaleLM(nn.Module):
-    def __init__(self, cfg: NextScaleConfig):
-        super().__init__()
+class NextScaleBody:
+    """The modules and forward of the next-scale transformer. Two classes share them, with the same state-dict keys:
+    `NextScaleLM` (a plain nn.Module: what the platform trains, samples and wraps with PEFT / DeepSpeed) and
+    `NextScaleModel` (a transformers PreTrainedModel: what `AutoModel.from_pretrained(dir)` returns)."""
+
+    def _build(self, cfg: NextScaleConfig) -> None:
         self.cfg = cfg
         self.schedule: Schedule = [tuple(s) for s in cfg.schedule]
         self.text_config = text_config(cfg)
@@ -124,9 +119,6 @@ class NextScaleLM(nn.Module):
         lo = self.cfg.image_offset
         return nn.functional.linear(hidden, self.lm_head.weight[lo : lo + self.cfg.num_codes])
 
-    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
     def forward(self, embeds, mask, positions, cache=None) -> torch.Tensor:
         """Backbone over (B, L, D) embeddings with a 4-D additive mask and (3, B, L) positions -> hidden (B, L, D)."""
         out = self.backbone(
@@ -135,24 +127,31 @@ class NextScaleLM(nn.Module):
         )
         return out.last_hidden_state
 
+
+class NextScaleLM(NextScaleBody, nn.Module):
+    def __init__(self, cfg: NextScaleConfig):
+        super().__init__()
+        self._build(cfg)
+
     # ------------------------------------------------------------------ weight I/O
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(self.cfg.model_dump_json(indent=2))
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
+        """A folder transformers can open: config.json (with model_type) + safetensors, sharded above the size."""
+        from policy.io import hf_config_dict, save_model_folder
+
+        state = dict(self.state_dict())
         if self.cfg.backbone.tie_word_embeddings:
             state.pop("lm_head.weight")
-        save_file(state, path / "model.safetensors")
+        save_model_folder(path, hf_config_dict(MODEL_TYPE, NextScaleModel.__name__, self.cfg), state, max_shard_size)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "NextScaleLM":
+        """Strict load of a folder from `save_pretrained` (with or without model_type, one file or shards)."""
         from policy.io import load_state_strict, read_json_config
 
         path = Path(path)
-        model = cls(read_json_config(path / "config.json", NextScaleConfig))
+        model = cls(read_json_config(path / "config.json", NextScaleConfig, model_type=MODEL_TYPE))
         ignore = {"lm_head.weight"} if model.cfg.backbone.tie_word_embeddings else set()
-        load_state_strict(model, path / "model.safetensors", ignore_missing=ignore)
+        load_state_strict(model, path, ignore_missing=ignore)
         return model.eval()
 
     @classmethod
@@ -186,3 +185,15 @@ class NextScaleLM(nn.Module):
             if not backbone.tie_word_embeddings:
                 model.lm_head.weight[: hf_cfg.vocab_size] = src["lm_head.weight"]
         return model
+
+
+class NextScaleModel(NextScaleBody, PreTrainedModel):
+    """NextScaleLM as a transformers PreTrainedModel (registered with AutoModel by `import policy`): the same
+    modules, weights and outputs, loaded by transformers' own `from_pretrained`."""
+    config_class = NextScaleHFConfig
+    _tied_weights_keys = {"lm_head.weight": "backbone.embed_tokens.weight"}  # only when tie_word_embeddings
+
+    def __init__(self, config: NextScaleHFConfig):
+        super().__init__(config)
+        self._build(config.nextscale_config())
+        self.post_init()

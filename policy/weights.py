@@ -15,8 +15,6 @@ and for every new version:                       load_trainable_state(model, sta
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -87,17 +85,10 @@ def export_policy(policy, state: dict[str, torch.Tensor], lora: LoraSettings | N
     """Write `policy` with the learner's trainable `state` applied as a plain policy directory at `out`.
 
     With LoRA the adapters are merged into the base weights (PEFT's merge_and_unload), so the result loads with
-    Policy.load and needs no PEFT. `policy` (a policy.io.Policy) is modified in place. Written to a sibling
-    temporary directory first, then renamed over `out`.
+    Policy.load and needs no PEFT. `policy` (a policy.io.Policy) is modified in place. `Policy.save` writes it
+    aside and swaps it in whole: a reader of `out` sees the previous export or this one, never neither.
     """
     model = apply_lora(policy.model, lora) if lora is not None else policy.model
     load_trainable_state(model, state)
     policy.model = model.merge_and_unload() if lora is not None else model
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return policy.save(out)

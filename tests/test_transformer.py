@@ -27,7 +27,7 @@ def _text_logits(model: NextScaleLM, ids: torch.Tensor) -> torch.Tensor:
     tmask = torch.ones(b, t, dtype=torch.bool)
     mask = mask_from_groups(tmask, torch.arange(t))
     pos = torch.arange(t, dtype=torch.float)[None, None].expand(3, b, t)
-    return model.text_logits(model(model.text_embeds(ids), mask, pos))
+    return model.lm_head(model(model.text_embeds(ids), mask, pos))
 
 
 def test_import_hf_qwen2_reproduces_text_logits(tmp_path):

@@ -37,11 +37,13 @@ def unique_specs(rng, n: int):
 
 
 def save_open_clip(model, model_name: str, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
+    from core.atomic import atomic_dir
+
     cfg = {"model_cfg": open_clip.get_model_config(model_name),
            "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}}
-    (path / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
+    with atomic_dir(path) as tmp:  # written aside, swapped in whole
+        (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "open_clip_model.safetensors")
 
 
 def train_fn(config: dict) -> None:

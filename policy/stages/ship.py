@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from core.atomic import atomic_dir
 
 STAGES = {"tokenizer": "shapes-tokenizer", "reward_model": "shapes-clip", "pretrain": "shapes-pretrain",
           "sft": "shapes-sft"}
@@ -21,9 +22,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "stages"
 
 def copy_artefact(src: Path, dst: Path) -> dict:
     """Copy a stage's final folder without its metrics file; return the metrics."""
-    shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("metrics.json"))
     return json.loads((src / "metrics.json").read_text())
+
+
+def collect(runs: Path, out: Path) -> dict:
+    """The SFT policy, the CLIP and the stage configs into `out`; return each stage's final metrics."""
+    metrics = {"sft": copy_artefact(runs / STAGES["sft"] / "final", out / "policy"),
+               "reward_model": copy_artefact(runs / STAGES["reward_model"] / "final", out / "clip")}
+    for stage in ("tokenizer", "pretrain"):
+        metrics[stage] = json.loads((runs / STAGES[stage] / "final" / "metrics.json").read_text())
+    shutil.copytree(CONFIG_DIR, out / "configs")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def _cell(result: dict, key: str) -> str:
@@ -63,28 +74,19 @@ def main(argv: list[str] | None = None) -> None:
     from policy.io import Policy
 
     runs, out = Path(args.runs), Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    metrics = {"sft": copy_artefact(runs / STAGES["sft"] / "final", tmp / "policy"),
-               "reward_model": copy_artefact(runs / STAGES["reward_model"] / "final", tmp / "clip")}
-    for stage in ("tokenizer", "pretrain"):
-        metrics[stage] = json.loads((runs / STAGES[stage] / "final" / "metrics.json").read_text())
-    shutil.copytree(CONFIG_DIR, tmp / "configs")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    cfg = EvalConfig()
-    scores = {}
-    for name, path in (("pretrain", runs / STAGES["pretrain"] / "final"), ("sft", tmp / "policy")):
-        result, images, labels = evaluate(Policy.load(path), cfg, desc=f"eval {name}")
-        scores[name] = result
-        if name == "sft":
-            write_report(result, images, labels, tmp, cfg.grid_size)
-        print(f"{name}: {format_scores(result)}")
-    (tmp / "eval.json").write_text(json.dumps({"eval_config": cfg.model_dump(), **scores}, indent=2))
-    (tmp / "scores.json").unlink()
-    (tmp / "README.md").write_text(readme(metrics, scores))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:  # built aside; replaces the shipped folder only once complete
+        metrics = collect(runs, tmp)
+        cfg = EvalConfig()
+        scores = {}
+        for name, path in (("pretrain", runs / STAGES["pretrain"] / "final"), ("sft", tmp / "policy")):
+            result, images, labels = evaluate(Policy.load(path), cfg, desc=f"eval {name}")
+            scores[name] = result
+            if name == "sft":
+                write_report(result, images, labels, tmp, cfg.grid_size)
+            print(f"{name}: {format_scores(result)}")
+        (tmp / "eval.json").write_text(json.dumps({"eval_config": cfg.model_dump(), **scores}, indent=2))
+        (tmp / "scores.json").unlink()
+        (tmp / "README.md").write_text(readme(metrics, scores))
     print(f"shipped {out}")
 
 
