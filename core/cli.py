@@ -61,7 +61,8 @@ def default_text(value, limit: int = 18) -> str:
     """A default as the YAML one would write (`offline`, `[0.9, 0.95]`, `null`), cut at `limit` characters."""
     if value is PydanticUndefined:
         return "required"
-    text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=10**6)
+    text = text.strip().removesuffix("...").strip()  # a scalar document ends with "..."
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
