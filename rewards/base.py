@@ -31,6 +31,7 @@ REGISTRY: dict[str, str | Callable] = {  # name -> import path (imported on firs
     "clip_score": "rewards.builtin:ClipScore",
     "http": "rewards.builtin:HttpReward",
     "colour_fraction": "rewards.builtin:ColourFraction",
+    "vlm_judge": "rewards.vlm_judge:VlmJudge",
 }
 
 
