@@ -5,6 +5,7 @@ Everything is validated before anything starts; a bad field is a one-line `Confi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,14 @@ from rl.strategy import LearnerConfig
 
 
 PATH_KWARGS = ("model", "pretrained", "path", "checkpoint")  # reward kwargs that may name files
+
+
+def in_ray_job_working_copy(path: str) -> bool:
+    """True when this process is a Ray job's entrypoint and `path` lies in the job's working-directory copy."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        return False
+    cwd = Path.cwd().resolve()
+    return "runtime_resources" in cwd.parts and Path(path).resolve().is_relative_to(cwd)
 
 
 class _Strict(BaseModel):
@@ -88,7 +97,9 @@ class EvalSettings(_Strict):
 class RunConfig(_Strict):
     name: str = describe(..., "run name: the run directory is runs_dir/name", min_length=1,
                          pattern=r"^[A-Za-z0-9_.-]+$")
-    runs_dir: str = describe("runs", "where run directories live")
+    runs_dir: str = describe("runs", "where run directories live (with a storage URI: this node's scratch)")
+    storage: str | None = describe(None, "where the run's files live: an absolute local / NFS path, or a URI that "
+                                   "pyarrow.fs opens (s3://, gs://, hdfs://); null: runs_dir. Set it under Ray Jobs")
     resume: bool = describe(False, "continue from the last checkpoint of runs_dir/name")
     seed: int = describe(0, "seed of the prompt stream and the sampling")
     steps: int = describe(..., "training steps", ge=1)
@@ -113,6 +124,7 @@ class RunConfig(_Strict):
     def _check_against_policy(self, info: ValidationInfo):
         """Cross-field checks; with context {"check_paths": False} (a config for another machine) skip the files."""
         self.policy_path, self.runs_dir = absolute_path(self.policy_path), absolute_path(self.runs_dir)
+        self._check_storage()
         self.prompts.path = absolute_path(self.prompts.path)
         for entry in self.rewards.rewards:  # file arguments of rewards are read inside Serve replicas
             entry.kwargs = {k: absolute_path(v) if isinstance(v, str) and k in PATH_KWARGS else v
@@ -137,10 +149,27 @@ class RunConfig(_Strict):
             load_prompts(self.prompts)
         return self
 
+    def _check_storage(self) -> None:
+        """A local storage path is the runs_dir; without storage a Ray job must not write into its working copy."""
+        if self.storage and "://" not in self.storage:
+            if not Path(self.storage).is_absolute():
+                raise ValueError(f"storage: {self.storage} is relative; give an absolute path every node sees, or "
+                                 "a URI (s3://bucket/runs)")
+            self.runs_dir = self.storage
+        elif not self.storage and in_ray_job_working_copy(self.runs_dir):
+            raise ValueError(f"storage: not set, and runs_dir {self.runs_dir} lies in this Ray job's temporary copy "
+                             "of the working directory, which Ray may evict; set storage=/shared/abs/path or "
+                             "storage=s3://bucket/runs")
+
     @model_serializer(mode="wrap", when_used="json")
     def _without_env_secrets(self, handler):
         """JSON dumps (RUN/config.yaml, wandb's config) never hold the value of a secret env var (WANDB_API_KEY...)."""
-        return redact_secrets(handler(self))
+        data = redact_secrets(handler(self))
+        if data.get("storage"):
+            from rl.storage import public_uri
+
+            data["storage"] = public_uri(data["storage"])
+        return data
 
     @property
     def run_dir(self) -> Path:

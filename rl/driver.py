@@ -28,6 +28,7 @@ from rl.control import NAMESPACE, start_control
 from rl.grpo import group_advantages, zero_std_fraction
 from rl.learner import LearnerDied
 from rl.prompts import load_prompts, prompts_at
+from rl.runstore import RunStore, credential_env, trim_eval_curve
 from rl.tracking import Tracker
 from rl.update import TrainBatch
 from rl.vmr import PrefixScores, completion_batch, prefix_scores, vmr_metrics
@@ -69,13 +70,6 @@ def resume_hint(run_dir: Path) -> str:
     if ckpt is None:
         return "no checkpoint yet: rerun with resume=true to start again"
     return f"rerun with resume=true to continue from checkpoint step {int(ckpt.name.split('_')[1])}"
-
-
-def trim_eval_curve(path: Path, step: int) -> None:
-    """On resume, drop the held-out evaluations a dead driver logged after the checkpoint it resumes from."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def last_line(e: BaseException) -> str:
@@ -156,6 +150,7 @@ class Driver:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
+        self.store = RunStore(self.run_dir, cfg.name, None)  # opened on `storage` in _prepare_run_dir
         self.timings: dict[str, float] = {}
         self.doing = "start-up"  # what the driver is at, for the message of a fault that stops the run
 
@@ -173,7 +168,31 @@ class Driver:
                             f"{resume_hint(self.run_dir)}") from e
 
     # ------------------------------------------------------------------ set-up
-    def _prepare_run_dir(self) -> tuple[DriverState, Path | None]:
+    def _write_config(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"),
+                                                                           sort_keys=False))
+        except OSError as e:
+            raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({e.strerror})") from None
+
+    def _prepare_remote(self) -> tuple[DriverState, str | None]:
+        """storage is a URI: the newest complete checkpoint there decides; a resume downloads the run's files."""
+        ckpt = self.store.latest_checkpoint()
+        if ckpt is not None and not self.cfg.resume:
+            raise ValueError(f"name: run {self.cfg.name} already has checkpoints in storage "
+                             f"{self.cfg.model_dump(mode='json')['storage']}; pass resume=true or choose another name")
+        state = DriverState(**self.store.restore()) if ckpt is not None else DriverState()
+        self._write_config()
+        self.store.push("config.yaml")
+        if ckpt is not None:
+            trim_eval_curve(self.run_dir / "eval_curve.jsonl", state.step)
+        return state, ckpt
+
+    def _prepare_run_dir(self) -> tuple[DriverState, Path | str | None]:
+        self.store = RunStore(self.run_dir, self.cfg.name, self.cfg.storage)  # a bad storage: one line, exit 2
+        if self.store.remote is not None:
+            return self._prepare_remote()
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None and not self.cfg.resume:
             raise ValueError(f"name: run {self.cfg.name} already has checkpoints in {self.run_dir}; "
@@ -181,12 +200,7 @@ class Driver:
         problem = write_problem(self.run_dir)
         if problem:
             raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({problem})")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json"),
-                                                                           sort_keys=False))
-        except OSError as e:
-            raise ValueError(f"runs_dir: {self.run_dir} cannot be written ({e.strerror})") from None
+        self._write_config()
         if ckpt is None:
             return DriverState(), None
         check_learner_checkpoint(ckpt / "learner")  # a damaged checkpoint is one line before anything starts
@@ -206,8 +220,11 @@ class Driver:
         self.control = start_control(cfg.name, cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
         self.rewards = RewardClient(start_service(cfg.rewards, cfg.logging.verbose), cfg.rewards)
         learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})
-        self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg)
-        if ckpt is not None:
+        self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg,
+                                    env_vars=credential_env() if self.store.remote else None)
+        if isinstance(ckpt, str):  # on storage: every rank downloads the files it needs
+            self.learner.load_from(self.store.uri, ckpt)
+        elif ckpt is not None:
             self.learner.load(ckpt / "learner")  # checked in _prepare_run_dir
         self.tokenizer = load_text_tokenizer(Path(cfg.policy_path) / "text_tokenizer")  # no model weights here
         self.items = load_prompts(cfg.prompts)
@@ -248,25 +265,32 @@ class Driver:
         metrics = {**step_metrics(rows, self.pool.size), **{f"learner/{k}": v for k, v in learn.items()},
                    **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
         with self._writing(f"the records of step {step}"):
-            write_step(self.run_dir, step, step_table(step, units, results, rows))
+            written = [write_step(self.run_dir, step, step_table(step, units, results, rows))]
             if step % cfg.logging.grid_every == 0 or step == cfg.steps:
                 n = min(cfg.logging.grid_size, len(rows.images))
                 rewards = rows.prefix.rewards.view(-1).tolist()
-                self.tracker.grid(step, rows.images[:n], [f"{p} R={r:.2f}" for p, r in zip(rows.prompts, rewards)][:n])
+                written.append(self.tracker.grid(step, rows.images[:n],
+                                                 [f"{p} R={r:.2f}" for p, r in zip(rows.prompts, rewards)][:n]))
             self.timings["logging"] = time.perf_counter() - t_log
             metrics.update({f"time/{k}": v for k, v in self.timings.items()})
             metrics["time/step"] = time.perf_counter() - t0
             self.tracker.log(step, metrics)
             if step % cfg.logging.grid_every == 0 or step == cfg.steps:
-                self.tracker.reward_curve()
+                written.append(self.tracker.reward_curve())
+            self.store.push(*[str(Path(w).relative_to(self.run_dir)) for w in written])
         return metrics
 
-    def checkpoint(self, state: DriverState) -> Path:
+    def checkpoint(self, state: DriverState) -> Path | str:
         t = time.perf_counter()
         self.doing = f"checkpoint step {state.step}"
         with self._writing(self.doing):
-            path = save_checkpoint(self.run_dir, state.step, state.__dict__, self.learner.save,
-                                   self.cfg.checkpoint.keep)
+            if self.store.remote is not None:  # ranks upload their own files, then the driver's manifest
+                rel = self.store.rel(f"checkpoints/step_{state.step:06d}")
+                files = self.learner.save_to(self.store.uri, f"{rel}/learner")
+                path = self.store.commit_checkpoint(state.step, state.__dict__, files, self.cfg.checkpoint.keep)
+            else:
+                path = save_checkpoint(self.run_dir, state.step, state.__dict__, self.learner.save,
+                                       self.cfg.checkpoint.keep)
         self.timings["checkpoint"] = time.perf_counter() - t
         return path
 
@@ -274,7 +298,7 @@ class Driver:
     def export_policy(self, name: str = "final_policy") -> Path:
         """The current policy as a policy directory (LoRA adapters merged): RUN/final_policy, written by the learner."""
         out = self.run_dir / name
-        self.learner.export(out)
+        self.learner.export(out, *((self.store.uri, self.store.rel(name)) if self.store.remote else ()))
         return out
 
     def evaluate(self, policy_dir: str | Path, tag: str, step: int) -> dict:
@@ -289,6 +313,7 @@ class Driver:
         write_report(result, images, records, self.run_dir / f"eval_{tag}", ecfg.grid_size)
         with open(self.run_dir / "eval_curve.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "tag": tag, **result}) + "\n")
+        self.store.push(f"eval_{tag}", "eval_curve.jsonl")
         return result
 
     def compare_before_after(self) -> dict:
@@ -351,6 +376,7 @@ class Driver:
                 summary["paired"] = self.compare_before_after()
         with self._writing("summary.json"):
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            self.store.push("summary.json", "before_after.png", "metrics.jsonl")
         return summary
 
     def shutdown(self) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import shutil
 import socket
 import tempfile
 import time
@@ -191,7 +192,7 @@ class LearnerActor:
         lp, ent = self._scores(text_ids, codes, reference)
         return PrefixScores(lp.float().cpu(), ent.float().cpu())
 
-    def export(self, out_dir: str) -> str | None:
+    def export(self, out_dir: str, uri: str | None = None, rel: str = "") -> str | None:
         """Rank 0 writes the current policy as a plain policy directory (LoRA merged); ZeRO-3: every rank gathers."""
         from policy.io import Policy
         from policy.weights import export_policy
@@ -199,7 +200,12 @@ class LearnerActor:
         state = self.trainable_state()
         if self.rank != 0:
             return None
-        return str(export_policy(Policy.load(self.policy_dir), state, self.cfg.lora, out_dir))
+        out = export_policy(Policy.load(self.policy_dir), state, self.cfg.lora, out_dir)
+        if uri is not None:  # a storage URI: rank 0 uploads what it wrote
+            from rl.storage import open_storage
+
+            open_storage(uri, probe=False).upload(out, rel)
+        return str(out)
 
     def save(self, path: str, client_state: dict) -> None:
         self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client_state,
@@ -211,6 +217,28 @@ class LearnerActor:
         if loaded is None:
             raise FileNotFoundError(f"learner checkpoint: nothing to load in {path}")
         return client_state or {}
+
+    def save_to(self, uri: str, rel: str, client_state: dict) -> list[tuple[str, int]]:
+        """Save into this node's scratch folder, upload the files this rank wrote to storage `rel`, drop the scratch."""
+        from rl.runstore import upload_rank_files
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"nextscale-learner{self.rank}-"))
+        try:
+            self.save(str(scratch), client_state)
+            return upload_rank_files(uri, scratch, rel, self.rank)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def load_from(self, uri: str, ckpt: str, sub: str) -> dict:
+        """Download the checkpoint files this rank needs into a scratch folder and load them."""
+        from rl.runstore import download_rank_files
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"nextscale-learner{self.rank}-"))
+        try:
+            download_rank_files(uri, ckpt, sub, scratch, self.rank)
+            return self.load(str(scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ the group
@@ -237,8 +265,9 @@ class LearnerGroup:
     """Driver side: a placement group of num_ranks bundles, one LearnerActor per bundle, one process group."""
 
     def __init__(self, policy_dir: str | Path, m: int, alpha: float, loss: GRPOLossConfig, cfg: LearnerConfig,
-                 seed: int | None = None, batch_size: int | None = None):
-        """`seed` / `batch_size`, when given, replace cfg.seed / cfg.batch_size (the run's seed, prompts x G)."""
+                 seed: int | None = None, batch_size: int | None = None, env_vars: dict | None = None):
+        """`seed` / `batch_size`, when given, replace cfg.seed / cfg.batch_size (the run's seed, prompts x G);
+        `env_vars` go to the ranks' processes (the storage credentials of the driver's environment)."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -255,6 +284,7 @@ class LearnerGroup:
             LearnerActor.options(
                 num_cpus=cfg.cpus_per_rank, num_gpus=1 if cfg.use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+                **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
             ).remote(r, cfg.num_ranks, str(Path(policy_dir).resolve()), m, alpha, loss, cfg)
             for r in range(cfg.num_ranks)
         ]
@@ -296,11 +326,11 @@ class LearnerGroup:
         gather(refs[1:], "a weight gather")
         return self.version, refs[0]
 
-    def export(self, out_dir: str | Path) -> Path:
-        """The current policy as a policy directory at `out_dir` (shared storage), written by rank 0."""
+    def export(self, out_dir: str | Path, uri: str | None = None, rel: str = "") -> Path:
+        """The current policy as a policy directory at `out_dir` on rank 0's node (uploaded to `uri`/`rel` if set)."""
         ranks = self.actors if self.info["zero_stage"] == 3 else self.actors[:1]   # ZeRO-3: all ranks gather
         out = str(Path(out_dir).resolve())                                          # actors have their own cwd
-        return Path(gather([a.export.remote(out) for a in ranks], "the policy export")[0])
+        return Path(gather([a.export.remote(out, uri, rel) for a in ranks], "the policy export")[0])
 
     def score(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool = False) -> PrefixScores:
         """Per-token log-probs / entropy of scales 1..m under the learner's model (or its reference), no grad."""
@@ -312,6 +342,14 @@ class LearnerGroup:
 
     def load(self, path: str | Path) -> None:
         states = self._all("load", str(path))
+        self.version = int(states[0].get("version", 0))
+
+    def save_to(self, uri: str, rel: str) -> list[tuple[str, int]]:
+        """A checkpoint on storage `uri` under `rel`: every rank uploads its own files; (path, size) of all."""
+        return [f for files in self._all("save_to", uri, rel, {"version": self.version}) for f in files]
+
+    def load_from(self, uri: str, ckpt: str, sub: str = "learner") -> None:
+        states = self._all("load_from", uri, ckpt, sub)
         self.version = int(states[0].get("version", 0))
 
     def shutdown(self) -> None:

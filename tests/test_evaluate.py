@@ -141,7 +141,7 @@ def test_evaluate_and_report_with_rendered_images(tmp_path, monkeypatch):
 
 
 def test_resume_drops_evaluations_logged_after_the_checkpoint(tmp_path):
-    from rl.driver import trim_eval_curve
+    from rl.runstore import trim_eval_curve
 
     path = tmp_path / "eval_curve.jsonl"
     path.write_text("".join(json.dumps({"step": s, "overall": s / 10}) + "\n" for s in (0, 5, 10, 15)))
