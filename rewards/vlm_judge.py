@@ -163,6 +163,12 @@ class JudgeEngine:
                 "images": sum(self.batch_sizes), "pid": os.getpid(), "python": sys.executable}
 
 
+def project_path(p: str) -> Path:
+    """A relative path as given when it exists from the working directory, else relative to the project root."""
+    path = Path(p)
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
 def gpus_available() -> float:
     import ray
 
@@ -208,10 +214,10 @@ class VlmJudge:
                       engine_kwargs, app_name, cache_dir):
         import ray
 
-        path = Path(model)
+        path = project_path(model)
         if not (path / "config.json").is_file():
             raise ValueError(f"model: {model!r} is not a model folder (no config.json there)")
-        py = Path(python) if python else DEFAULT_PYTHON
+        py = project_path(python) if python else DEFAULT_PYTHON
         if not os.access(py, os.X_OK):
             raise ValueError(f"python: {str(py)!r} is not an executable Python (build the judge venv: make judge-env)")
         if not ray.is_initialized():
