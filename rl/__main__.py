@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 USAGE = """usage:
     {p} train CONFIG [key.sub=value ...] [--print-config]   run prefix-GRPO (resume=true continues a run)
@@ -65,19 +66,43 @@ def print_summary(summary: dict) -> None:
 
 def cmd_scale(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=f"{prog()} scale", description="Resize the rollout pool of a live run.")
-    ap.add_argument("run", help="the run's name")
+    ap.add_argument("run", help="the run's name (or its folder: a path or a storage URI ending in /NAME)")
     ap.add_argument("--rollout-workers", type=int, required=True, help="the new number of rollout workers")
     ap.add_argument("--address", default="auto", help="the Ray cluster the run is on (default: auto)")
     args = ap.parse_args(argv)
     from rl.control import scale
 
     try:
-        n = scale(args.run, args.rollout_workers, args.address)
+        n = scale(run_name(args.run), args.rollout_workers, args.address)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run {args.run}: rollout workers -> {n}")
     return 0
+
+
+def run_name(run: str) -> str:
+    """A run's name from its name, its folder or its storage URI (s3://bucket/runs/NAME?endpoint_override=...)."""
+    return run.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """`rl eval POLICY_DIR` where POLICY_DIR may be a storage URI (downloaded to a temporary folder first)."""
+    import tempfile
+
+    from policy.evaluate import main as eval_main
+
+    if argv and "://" in argv[0] and not argv[0].startswith("-"):
+        from rl.storage import StorageError, open_storage
+
+        with tempfile.TemporaryDirectory(prefix="nextscale-eval-") as tmp:
+            try:
+                open_storage(argv[0], probe=False).download("", Path(tmp) / "policy")
+            except (StorageError, OSError) as e:
+                print(f"error: storage: {str(e).splitlines()[0]}", file=sys.stderr)
+                return 2
+            return eval_main([str(Path(tmp) / "policy"), *argv[1:]], prog=f"{prog()} eval")
+    return eval_main(argv, prog=f"{prog()} eval")
 
 
 def main(argv: list[str]) -> int:
@@ -92,9 +117,7 @@ def main(argv: list[str]) -> int:
         return cmd_train(argv[1:])
     if argv[0] == "scale":
         return cmd_scale(argv[1:])
-    from policy.evaluate import main as eval_main
-
-    return eval_main(argv[1:], prog=f"{prog()} eval")
+    return cmd_eval(argv[1:])
 
 
 def cli() -> None:

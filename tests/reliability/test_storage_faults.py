@@ -150,3 +150,13 @@ def test_bad_storage_is_one_line_naming_storage(case, rl_assets, endpoint, tmp_p
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "storage: " in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_rl_eval_reads_a_policy_from_the_store(s3_reference, tmp_path):
+    uri, _ = s3_reference
+    base, query = uri.split("?", 1)
+    policy_uri = f"{base}/s3ref/final_policy?{query}"
+    proc = subprocess.run([sys.executable, "-m", "rl", "eval", policy_uri, "images_per_category=1",
+                           f"out_dir={tmp_path / 'eval'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "eval" / "scores.json").is_file()
