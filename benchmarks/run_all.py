@@ -19,7 +19,7 @@ from core.atomic import atomic_write_text
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 CPU_SET = ["sampling_speed", "kv_cache", "prefix_learner", "sampler_efficiency", "reward_batching", "weight_sync",
-           "step_breakdown", "rollout_scaling"]
+           "step_breakdown", "rollout_scaling", "storage_checkpoint"]
 
 
 def update_readme(readme: Path = README, results: Path = HERE / "results") -> list[str]:
