@@ -165,3 +165,47 @@ def test_judge_inside_the_combined_reward_service(judge, judge_dir):
 def test_judge_cannot_start_names_the_field(judge, judge_dir):
     with pytest.raises(ValueError, match="^num_gpus: 1 GPU"):
         VlmJudge(model=str(judge_dir), num_gpus=1, app_name="vlm_judge_gpu")
+
+
+@pytest.fixture(scope="module")
+def judge_server(judge_dir):
+    """A real OpenAI-compatible judge server: vLLM's api_server on the judge venv, on loopback."""
+    import os
+    import urllib.request
+
+    from rewards.vlm_judge import DEFAULT_CACHE, judge_env_vars
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, **judge_env_vars(DEFAULT_CACHE)}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    proc = subprocess.Popen([str(DEFAULT_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                             str(judge_dir), "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port",
+                             str(port), "--enforce-eager", "--max-model-len", "256", "--max-logprobs", "20"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            assert proc.poll() is None, f"vLLM's api_server exited with {proc.returncode}"
+            assert time.perf_counter() - t0 < 600, "vLLM's api_server not up within 600 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        print(f"\njudge server up in {time.perf_counter() - t0:.1f} s")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.slow
+@needs_judge_env
+def test_judge_through_an_openai_compatible_server(judge_server):
+    images, prompts, meta = shapes_batch(6, seed=2)
+    j = VlmJudge(base_url=judge_server, served_model="tiny-judge")
+    out = j(images, prompts, meta)
+    scores = np.asarray(out["score"])
+    assert scores.shape == (6,) and np.all((scores >= 0) & (scores <= 1))
+    np.testing.assert_allclose(j(images, prompts, meta)["score"], scores, atol=1e-6)
