@@ -99,15 +99,20 @@ def eval_items(images_per_category: int, seed: int) -> list[EvalItem]:
     return [EvalItem(i, s, seed + i) for i, s in enumerate(specs)]
 
 
-def sample_images(policy: Policy, items: list[EvalItem], cfg: EvalConfig, desc: str = "eval") -> np.ndarray:
-    """(N, H, W, 3) uint8: one image per item, sampled in batches with the items' seeds."""
-    images = []
-    for i in tqdm(range(0, len(items), cfg.batch_size), desc=desc, unit="batch"):
+def image_batches(policy: Policy, items: list[EvalItem], cfg: EvalConfig):
+    """Yields (b, H, W, 3) uint8 batches: one image per item, sampled with the items' seeds."""
+    for i in range(0, len(items), cfg.batch_size):
         chunk = items[i : i + cfg.batch_size]
         out = sample(policy.model, policy.vq, policy.encode_prompts([caption(it.spec) for it in chunk]),
                      [it.seed for it in chunk], cfg.sample)
-        images.append(to_uint8(out.images))
-    return np.concatenate(images)
+        yield to_uint8(out.images)
+
+
+def sample_images(policy: Policy, items: list[EvalItem], cfg: EvalConfig, desc: str = "eval") -> np.ndarray:
+    """(N, H, W, 3) uint8: one image per item, sampled in batches with the items' seeds."""
+    batches = tqdm(image_batches(policy, items, cfg), total=-(-len(items) // cfg.batch_size), desc=desc,
+                   unit="batch")
+    return np.concatenate(list(batches))
 
 
 def judge_images(images: np.ndarray, items: list[EvalItem]) -> list[dict]:

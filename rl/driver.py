@@ -302,24 +302,26 @@ class Driver:
         return out
 
     def evaluate(self, policy_dir: str | Path, tag: str, step: int) -> dict:
-        """Held-out score of a policy directory (RUN/eval_TAG/); one line of RUN/eval_curve.jsonl per call."""
-        from policy.evaluate import EvalConfig, evaluate, write_report
-        from policy.io import Policy
+        """Held-out score of a policy directory (RUN/eval_TAG/, by a Ray task); a line of RUN/eval_curve.jsonl."""
+        from policy.evaluate import EvalConfig
+        from rl.evaluation import evaluate_remote
 
         e = self.cfg.eval
         ecfg = EvalConfig(sample=self.cfg.rollout.sample, images_per_category=e.images_per_category,
                           seed=self.cfg.seed + 777)
-        result, images, records = evaluate(Policy.load(policy_dir), ecfg, desc=f"eval {tag}")
-        write_report(result, images, records, self.run_dir / f"eval_{tag}", ecfg.grid_size)
+        remote = (self.store.uri, self.store.rel(f"eval_{tag}")) if self.store.remote else ()
+        result = evaluate_remote(policy_dir, ecfg, self.run_dir / f"eval_{tag}", f"eval {tag}",
+                                 torch.get_num_threads(), *remote)
         with open(self.run_dir / "eval_curve.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "tag": tag, **result}) + "\n")
-        self.store.push(f"eval_{tag}", "eval_curve.jsonl")
+        self.store.push("eval_curve.jsonl")
         return result
 
     def compare_before_after(self) -> dict:
         """Paired change of each verdict (same prompts and seeds) and RUN/before_after.png, side by side."""
         from policy.evaluate import paired_comparison, side_by_side
 
+        self.store.fetch_missing("eval_before", "eval_after")
         before, after = self.run_dir / "eval_before", self.run_dir / "eval_after"
         side_by_side(before, after, self.run_dir / "before_after.png")
         b, a = (json.loads((d / "scores.json").read_text()) for d in (before, after))

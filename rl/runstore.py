@@ -97,6 +97,12 @@ class RunStore:
             if (self.run_dir / p).exists():
                 self.remote.upload(self.run_dir / p, self.rel(p))
 
+    def fetch_missing(self, *paths: str) -> None:
+        """Download run files or folders this node does not have (written by a task on another node)."""
+        for p in paths:
+            if self.remote is not None and not (self.run_dir / p).exists() and self.remote.exists(self.rel(p)):
+                self.remote.download(self.rel(p), self.run_dir / p)
+
     def latest_checkpoint(self) -> str | None:
         """The newest complete remote checkpoint (relative to the storage root), or None."""
         if self.remote is None:
