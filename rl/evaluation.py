@@ -13,6 +13,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from rl.runstore import credential_env
 from shapes.world import CATEGORIES
 
 
@@ -45,7 +46,8 @@ def evaluate_remote(policy_dir: str | Path, ecfg, out_dir: Path, desc: str, thre
                     uri: str | None = None, rel: str = "") -> dict:
     """Run the evaluation as a Ray task; a tqdm bar counts its images; returns the summary."""
     total = ecfg.images_per_category * len(CATEGORIES)
-    gen = _evaluate.options(num_cpus=0.25).remote(str(Path(policy_dir).resolve()), ecfg.model_dump(),
+    env = {"runtime_env": {"env_vars": credential_env()}} if uri else {}  # the task uploads with the run's credentials
+    gen = _evaluate.options(num_cpus=0.25, **env).remote(str(Path(policy_dir).resolve()), ecfg.model_dump(),
                                                    str(Path(out_dir).resolve()), threads, uri, rel)
     with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
         for ref in gen:

@@ -47,6 +47,7 @@ def s3_config(assets, tmp, name, uri) -> dict:
     cfg = run_config(assets, tmp, name)
     cfg["storage"] = uri
     cfg["learner"] |= {"num_ranks": 2, "cpus_per_rank": 0.5, "deepspeed": {"zero_optimization": {"stage": 1}}}
+    cfg["eval"] = {"enabled": True, "images_per_category": 1}  # the evaluation task uploads RUN/eval_* too
     return cfg
 
 
@@ -77,7 +78,8 @@ def test_two_ranks_write_to_the_store(s3_reference):
     shards = [n for n in (run / "checkpoints" / "step_000003" / "learner" / "learner").iterdir()]
     names = " ".join(p.name for p in shards)
     assert "zero_pp_rank_0_" in names and "zero_pp_rank_1_" in names, names  # each rank uploaded its own shard
-    for rel in ("final_policy/transformer/config.json", "metrics.jsonl", "config.yaml", "rollouts/step_000003.parquet"):
+    for rel in ("final_policy/transformer/config.json", "metrics.jsonl", "config.yaml", "rollouts/step_000003.parquet",
+                "eval_before/scores.json", "eval_after/scores.json", "before_after.png", "summary.json"):
         assert store.exists(f"s3ref/{rel}"), rel
     assert len(store.listdir("s3ref/checkpoints")) == 2  # keep: 2
 
