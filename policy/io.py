@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -133,11 +133,12 @@ def load_state_strict(model: nn.Module, path: str | Path, ignore_missing: set[st
 class PolicyConfig(BaseModel):
     """Either `path` (a saved policy directory) or the architecture of a fresh, randomly initialised one."""
     model_config = ConfigDict(extra="forbid")
-    path: str | None = None
-    schedule: ScheduleField = [(s, s) for s in (1, 2, 3, 4, 6, 8)]
-    vq: dict = {}                 # VQConfig fields other than the schedule
-    backbone: dict = {}           # BackboneConfig fields
-    seed: int = 0                 # initialisation seed of a fresh policy
+    path: str | None = Field(None, description="a saved policy directory (null: a fresh random policy)")
+    schedule: ScheduleField = Field([(s, s) for s in (1, 2, 3, 4, 6, 8)],
+                                    description="the (h, w) token grid of every scale of a fresh policy")
+    vq: dict = Field({}, description="VQConfig fields of a fresh policy, other than the schedule")
+    backbone: dict = Field({}, description="BackboneConfig fields of a fresh policy")
+    seed: int = Field(0, description="initialisation seed of a fresh policy")
 
 
 @dataclass

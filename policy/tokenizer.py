@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from policy.hf import VQ_MODEL_TYPE
 from policy.scales import Schedule, ScheduleField
@@ -28,16 +28,16 @@ from policy.scales import Schedule, ScheduleField
 
 class VQConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schedule: ScheduleField
-    image_size: int = 64
-    channels: list[int] = [32, 64, 64]  # encoder width after the stem and at each stride-2 stage
-    code_dim: int = 32                  # pixel code vector size = latent channels C
-    num_codes: int = 512
-    sem_dim: int = 0                    # 0: single-branch (pixel) tokenizer
-    pix_weight: float = 1.0             # w in d_sem + w * d_pix
-    refine_ratio: float = 0.5           # phi(z) = (1 - r) z + r conv(z)
-    teacher: str | None = None          # open_clip model name of the frozen semantic teacher
-    teacher_pretrained: str | None = None
+    schedule: ScheduleField = Field(description="the (h, w) token grid of every scale, coarse to fine")
+    image_size: int = Field(64, description="image side in pixels")
+    channels: list[int] = Field([32, 64, 64], description="encoder width after the stem and at each stride-2 stage")
+    code_dim: int = Field(32, description="pixel code vector size (= latent channels)")
+    num_codes: int = Field(512, description="codebook size")
+    sem_dim: int = Field(0, description="semantic code size of the dual codebook (0: pixel codes only)")
+    pix_weight: float = Field(1.0, description="w in the code distance d_sem + w * d_pix")
+    refine_ratio: float = Field(0.5, description="r in the shared refinement phi(z) = (1 - r) z + r conv(z)")
+    teacher: str | None = Field(None, description="open_clip model name of the frozen semantic teacher")
+    teacher_pretrained: str | None = Field(None, description="the teacher's pretrained tag or weights file")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, Qwen2_5_VLTextConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
@@ -24,16 +24,16 @@ from policy.scales import Schedule, ScheduleField
 class BackboneConfig(BaseModel):
     """The Qwen2 hyper-parameters we use (names as in transformers' Qwen2Config)."""
     model_config = ConfigDict(extra="forbid")
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-    attn_implementation: str = "sdpa"
+    hidden_size: int = Field(128, description="model width")
+    intermediate_size: int = Field(352, description="MLP width")
+    num_hidden_layers: int = Field(4, description="decoder layers")
+    num_attention_heads: int = Field(4, description="query heads")
+    num_key_value_heads: int = Field(2, description="key/value heads (grouped-query attention)")
+    rope_theta: float = Field(10000.0, description="RoPE base")
+    rms_norm_eps: float = Field(1e-6, description="RMSNorm epsilon")
+    tie_word_embeddings: bool = Field(False, description="share the input embedding and the output head")
+    max_position_embeddings: int = Field(32768, description="longest position the RoPE tables cover")
+    attn_implementation: str = Field("sdpa", description="transformers attention kernel (sdpa, eager, ...)")
 
 
 class NextScaleConfig(BaseModel):
