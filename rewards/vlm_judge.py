@@ -15,8 +15,8 @@ Two back ends, one plug-in:
 Per image the question is `question_template.format(prompt=<the prompt>)`; the answer's first token's top-k
 log-probabilities give P(yes) and P(no), summed over the tokens that read "yes" / "no" once whitespace, the
 tokenizers' word-start markers (Ġ, ▁) and case are stripped. When neither is among the top k the score is
-`neutral_score` (0.5: no evidence either way) and the counter `neither` goes up; the sub-score `neither` marks
-those images (1.0) so the metrics show them.
+`neutral_score` (0.5: no evidence either way) and the sub-score `neither` marks the image (1.0), so the run's
+metrics count them (`reward/<label>/neither/mean`: the fraction of such answers per step).
 
 Pure parts (`question`, `yes_probability`, `scores_from_logprobs`) are plain functions, tested without Ray or vLLM.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import math
 import os
 import string
@@ -81,14 +80,6 @@ def scores_from_logprobs(answers: list[Mapping[str, float]], neutral: float = 0.
     ps = [yes_probability(a, yes, no) for a in answers]
     return (np.array([neutral if p is None else p for p in ps], dtype=np.float64),
             np.array([p is None for p in ps], dtype=np.float64))
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def data_url(png: bytes) -> str:
@@ -198,8 +189,6 @@ class VlmJudge:
         self.top_logprobs, self.neutral = top_logprobs, neutral_score
         self.yes, self.no = tuple(w.lower() for w in yes), tuple(w.lower() for w in no)
         self.timeout_s = timeout_s
-        self.neither_count = 0          # answers with neither yes nor no among the top tokens, since start
-        self.images = 0
         if base_url is not None:
             self.base_url, self.api_key = base_url.rstrip("/"), api_key
             self.served_model = served_model
@@ -271,10 +260,10 @@ class VlmJudge:
             return top_logprobs_from_openai(json.loads(resp.read()))
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict:
+        from policy.images import png_bytes  # here, not at import: the judge venv imports this module too
+
         pngs = [png_bytes(im) for im in images]
         texts = [question(self.template, p) for p in prompts]
         answers = self._ask_server(pngs, texts) if self.base_url else self._ask_engine(pngs, texts)
         scores, neither = scores_from_logprobs(answers, self.neutral, self.yes, self.no)
-        self.neither_count += int(neither.sum())
-        self.images += len(images)
         return {"score": scores, "neither": neither}

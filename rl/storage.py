@@ -47,6 +47,20 @@ def _has_s3_credentials(uri: str) -> bool:
                 or os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or Path(cred_file).is_file())
 
 
+def _stream(src_fs, src: str, dst_fs, dst: str, dst_local: bool) -> None:
+    """Copy one file in chunks (never whole in memory): an object store shows the upload only once it is complete;
+    a local file is written aside and renamed into place (core.atomic.atomic_file)."""
+    from pyarrow.fs import copy_files
+
+    if not dst_local:
+        copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        return
+    from core.atomic import atomic_file
+
+    with atomic_file(dst) as tmp:
+        copy_files(src, str(tmp), source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 @dataclass
 class Storage:
     """A run store: `fs` (a pyarrow FileSystem) rooted at `root`; `local` when it is this machine's disk."""
@@ -87,30 +101,26 @@ class Storage:
         """Copy a file or a folder from this node's disk to `rel`; returns (relative path, size) of every file."""
         local = Path(local)
         files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+        from pyarrow.fs import LocalFileSystem
+
         out = []
         for f in files:
             dest = rel if f == local else f"{rel}/{f.relative_to(local).as_posix()}"
-            if not (self.local and Path(self.path(dest)).resolve() == f.resolve()):
-                self.write_bytes(dest, f.read_bytes())
+            _stream(LocalFileSystem(), str(f), self.fs, self.path(dest), self.local)
             out.append((dest, f.stat().st_size))
         return out
 
     def download(self, rel: str, local: Path) -> None:
-        """Copy the file or folder `rel` to `local` on this node (files written atomically)."""
-        from pyarrow.fs import FileSelector, FileType
+        """Copy the file or folder `rel` to `local` on this node (each file streamed and renamed into place)."""
+        from pyarrow.fs import FileSelector, FileType, LocalFileSystem
 
-        from core.atomic import atomic_write_bytes
-
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == FileType.File:
-            atomic_write_bytes(local, self.read_bytes(rel))
+        base, here = self.path(rel), LocalFileSystem()
+        if self.fs.get_file_info(base).type == FileType.File:
+            _stream(self.fs, base, here, str(local), True)
             return
-        base = self.path(rel)
         for entry in self.fs.get_file_info(FileSelector(base, recursive=True)):
             if entry.type == FileType.File:
-                sub = entry.path[len(base.rstrip("/")) + 1:]
-                with self.fs.open_input_stream(entry.path) as f:
-                    atomic_write_bytes(Path(local) / sub, f.read())
+                _stream(self.fs, entry.path, here, str(Path(local) / entry.path[len(base.rstrip("/")) + 1:]), True)
 
     def listdir(self, rel: str) -> list[str]:
         from pyarrow.fs import FileSelector
