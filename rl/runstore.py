@@ -35,21 +35,17 @@ def credential_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
 
 
-def own_files(folder: Path, rank: int) -> list[Path]:
-    """The files of a DeepSpeed checkpoint folder that `rank` writes and reads: its own `*_pp_rank_R_*` shards;
-    rank 0 also the shared ones (model states, the `latest` tag)."""
-    out = []
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        m = _RANK_FILE.search(f.name)
-        if (m is not None and int(m.group(1)) == rank) or (m is None and rank == 0):
-            out.append(f)
-    return out
-
-
 def needed(name: str, rank: int) -> bool:
     """Whether learner rank `rank` needs the checkpoint file `name` to load (the shared files and its shards)."""
     m = _RANK_FILE.search(name)
     return m is None or int(m.group(1)) == rank
+
+
+def own_files(folder: Path, rank: int) -> list[Path]:
+    """The files of a DeepSpeed checkpoint folder that `rank` uploads: its own `*_pp_rank_R_*` shards; rank 0 also
+    the shared ones (model states, the `latest` tag)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return [f for f in files if needed(f.name, rank) and (rank == 0 or _RANK_FILE.search(f.name))]
 
 
 def upload_rank_files(uri: str, folder: Path, rel: str, rank: int) -> list[tuple[str, int]]:
