@@ -59,6 +59,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def with_section_defaults(cls: type[BaseModel], data: dict) -> dict:
+    """Fill a section the config names only in part from its field's own default.
+
+    `EvalConfig.sample` defaults to `SampleConfig(cfg_scale=3.0, top_k=32, ...)`; an override `sample.top_k=4`
+    must change top_k only, not fall back to SampleConfig's class defaults (no guidance, no top-p) for the rest.
+    """
+    for name, field in cls.model_fields.items():
+        sub = data.get(name)
+        default = field.get_default(call_default_factory=True)
+        if isinstance(sub, dict) and isinstance(default, BaseModel):
+            data[name] = with_section_defaults(type(default), deep_merge(default.model_dump(exclude_unset=True), sub))
+    return data
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """A copy of base with top's keys laid over it, section by section."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 TYPE_TAGS = {"int", "float", "str", "bool", "bytes", "none", "dict", "list", "tuple", "set"}
 
 
@@ -100,7 +122,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
             raise ConfigError(f"config: {path} cannot be read ({e.strerror or type(e).__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping at the top level")
-    data = apply_overrides(data, list(overrides))
+    data = with_section_defaults(cls, apply_overrides(data, list(overrides)))
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as e:

@@ -22,6 +22,18 @@ def test_overrides():
         parse_override("novalue")
 
 
+def test_override_keeps_the_sections_own_defaults():
+    """`sample.top_k=4` on the evaluation changes top_k only: guidance and top-p stay the evaluation's defaults
+    (session 5 found the override silently dropping them to SampleConfig's class defaults)."""
+    from policy.evaluate import EvalConfig
+
+    cfg = load_config(EvalConfig, None, ["sample.top_k=4"])
+    assert (cfg.sample.top_k, cfg.sample.cfg_scale, cfg.sample.guidance_schedule, cfg.sample.top_p) == \
+        (4, 3.0, "linear", 0.95)
+    assert load_config(EvalConfig, None, ["sample.cfg_scale=1.0"]).sample.top_k == 32
+    assert load_config(EvalConfig, None, []).sample == EvalConfig().sample
+
+
 def test_config_errors_name_the_field(tmp_path):
     cfg = load_config(DemoConfig, ROOT / "configs/shapes-sample.yaml", ["sample.cfg_scale=5", "num_images=2"])
     assert cfg.sample.cfg_scale == 5 and cfg.num_images == 2
