@@ -34,9 +34,8 @@ class RewardClient:
         self.handle, self.cfg = handle, cfg.service
         self.name = f"reward service {cfg.service.name!r} ({', '.join(e.label for e in cfg.rewards)})"
 
-    def _attempt(self, batch: Batch) -> Scored:
-        """One call; raises RewardServiceError with the cause."""
-        response = self.handle.score.remote(batch)
+    def _receive(self, response, batch: Batch) -> Scored:
+        """The answer of one call; raises RewardServiceError with the cause."""
         try:
             out = response.result(timeout_s=self.cfg.timeout_s)
         except TimeoutError:
@@ -52,19 +51,36 @@ class RewardClient:
             raise RewardServiceError(f"{self.name}: answered {len(scored)} rewards for {len(batch)} images")
         return scored
 
+    def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> "PendingScore":
+        """Send a request now, wait later: many in flight let the service batch them across its replicas."""
+        return PendingScore(self, Batch(images, list(prompts), list(metadata or [])))
+
     def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict] | None = None) -> Scored:
         """Rewards for (B, H, W, 3) uint8 images: Scored.total (B,) and every component (B,)."""
-        batch = Batch(images, list(prompts), list(metadata or []))
-        attempts = self.cfg.retries + 1
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(backoff_delay(attempt, self.cfg.backoff_s, self.cfg.backoff_max_s))
-            try:
-                return self._attempt(batch)
-            except RewardServiceError as e:
-                cause = str(e)
-        raise RewardServiceError(f"{cause} (after {attempts} attempt{'s' if attempts > 1 else ''})")
+        return self.submit(images, prompts, metadata).result()
 
     def metrics(self) -> dict:
         """Per-reward timings and batch sizes of one replica, and requests merged per batch."""
         return self.handle.metrics.remote().result(timeout_s=self.cfg.timeout_s)
+
+
+class PendingScore:
+    """One reward request in flight. `result()` waits for it; a failed attempt is sent again (bounded retries with
+    backoff), and a request that still fails raises RewardServiceError: never a score."""
+
+    def __init__(self, client: RewardClient, batch: Batch):
+        self.client, self.batch = client, batch
+        self.response = client.handle.score.remote(batch)
+
+    def result(self) -> Scored:
+        cfg = self.client.cfg
+        attempts = cfg.retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(backoff_delay(attempt, cfg.backoff_s, cfg.backoff_max_s))
+                self.response = self.client.handle.score.remote(self.batch)
+            try:
+                return self.client._receive(self.response, self.batch)
+            except RewardServiceError as e:
+                cause = str(e)
+        raise RewardServiceError(f"{cause} (after {attempts} attempt{'s' if attempts > 1 else ''})")

@@ -28,6 +28,15 @@ class Scored:
     def take(self, start: int, stop: int) -> "Scored":
         return Scored(self.total[start:stop], {k: v[start:stop] for k, v in self.components.items()})
 
+    @staticmethod
+    def concat(parts: list["Scored"]) -> "Scored":
+        """The parts one after another (every part has the same components)."""
+        keys = list(parts[0].components)
+        if any(list(p.components) != keys for p in parts):
+            raise ValueError("Scored.concat: the parts have different components")
+        return Scored(np.concatenate([p.total for p in parts]),
+                      {k: np.concatenate([p.components[k] for p in parts]) for k in keys})
+
     def to_json(self) -> dict:
         return {"score": floats_to_json(self.total), **{k: floats_to_json(v) for k, v in self.components.items()}}
 

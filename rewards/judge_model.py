@@ -74,9 +74,14 @@ def build_processor(tokenizer=None):
     from transformers import Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+    from tokenizers import AddedToken
+
     image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(),
-                          num_query_tokens=QUERY_TOKENS, chat_template=CHAT_TEMPLATE)
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(),
+                               num_query_tokens=QUERY_TOKENS, chat_template=CHAT_TEMPLATE)
+    if isinstance(processor.image_token, str):  # transformers 5.24's __call__ reads image_token.content
+        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+    return processor
 
 
 def build_config(vocab_size: int, text_hidden: int = 128, text_layers: int = 2, vision_hidden: int = 64,
@@ -111,13 +116,13 @@ def build_judge(seed: int = 0):
     return model, processor
 
 
-def save_judge(model, processor, out: str | Path) -> Path:
+def save_judge(model, processor, out: str | Path, template: str = DEFAULT_TEMPLATE) -> Path:
     """A HF folder that vLLM and transformers load: config + safetensors + tokenizer + processor."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "judge.json").write_text(json.dumps({"question_template": DEFAULT_TEMPLATE, "yes": "yes", "no": "no"}))
+    (out / "judge.json").write_text(json.dumps({"question_template": template, "yes": "yes", "no": "no"}))
     return out
 
 

@@ -88,6 +88,14 @@ class LoggingSettings(_Strict):
                                     "log files)")
 
 
+class LoopSettings(_Strict):
+    stream_rewards: bool = describe(True, "send each unit's reward request as its rollout returns (many in flight, "
+                                          "batched by the service); false: one request per step after the rollouts")
+    off_policy_steps: int = describe(0, "1: the rollouts of step t+1 run (with the weights of step t-1) while the "
+                                        "learner trains step t, except after a checkpoint step; 0: on-policy",
+                                     ge=0, le=1)
+
+
 class EvalSettings(_Strict):
     enabled: bool = describe(True, "held-out verifier score before the first and after the last step")
     images_per_category: int = describe(96, "held-out prompts repeated cyclically (new seeds) to this many", ge=1)
@@ -119,6 +127,7 @@ class RunConfig(_Strict):
     checkpoint: CheckpointSettings = describe(CheckpointSettings(), "checkpoints under RUN/checkpoints")
     logging: LoggingSettings = describe(LoggingSettings(), "metrics, sample grids and terminal output")
     eval: EvalSettings = describe(EvalSettings(), "held-out evaluation")
+    loop: LoopSettings = describe(LoopSettings(), "how the steps' stages overlap")
 
     @model_validator(mode="after")
     def _check_against_policy(self, info: ValidationInfo):

@@ -23,19 +23,15 @@ from tqdm import tqdm
 from core.atomic import atomic_write_text
 from rewards.client import RewardServiceError
 from rl.checkpoint import check_learner_checkpoint, latest_checkpoint, load_state, save_checkpoint
-from rl.config import RunConfig, VMRConfig
+from rl.config import RunConfig
 from rl.control import NAMESPACE, start_control
-from rl.grpo import group_advantages, zero_std_fraction
 from rl.learner import LearnerDied
-from rl.prompts import load_prompts, prompts_at
+from rl.prompts import load_prompts
 from rl.runstore import RunStore, credential_env, trim_eval_curve
+from rl.step import StreamedRewards, assemble_step, check_staleness, make_units, step_metrics, step_table
 from rl.tracking import Tracker
-from rl.update import TrainBatch
-from rl.vmr import PrefixScores, completion_batch, prefix_scores, vmr_metrics
-
 from rollout.pool import RolloutPool
-from rollout.record import rollout_table, write_step
-from rollout.units import UnitResult, WorkUnit, unit_seed
+from rollout.record import write_step
 from rollout.worker import RolloutWorker
 
 
@@ -89,69 +85,13 @@ class StopFlag:
         self.stop = True
 
 
-def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -> list[WorkUnit]:
-    picked = prompts_at(items, cfg.seed, cursor, cfg.prompts_per_step, balance=cfg.prompts.balance)
-    ids = tokenizer([p for p, _ in picked], add_special_tokens=False)["input_ids"]
-    return [WorkUnit(f"{step}/{i}", step, i, p, tuple(t), unit_seed(cfg.seed, step, i), cfg.group_size, meta)
-            for i, ((p, meta), t) in enumerate(zip(picked, ids))]
-
-
-def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int) -> TrainBatch:
-    """The learner's rows in unit order (G per unit): row i's text, codes and old log-probs are those of sample i."""
-    rows = [results[u.uid] for u in units]
-    text = [list(u.text_ids) for u in units for _ in range(u.group_size)]
-    codes = [torch.from_numpy(np.concatenate([r.codes[s] for r in rows])) for s in range(m)]
-    old = torch.from_numpy(np.concatenate([r.logprobs for r in rows]))
-    return TrainBatch(text_ids=text, codes=codes, old_logprobs=old, advantages=advantages.reshape(-1).float())
-
-
-@dataclass
-class StepRows:
-    """One step's B = P x G rows, all in unit order (row p * G + j = sample j of unit p)."""
-    images: np.ndarray          # (B, H, W, 3) uint8 rollout images
-    prompts: list[str]          # (B,)
-    prefix: PrefixScores        # rewards / values (P, G), completions (P, G, K), components (B,)
-    advantages: torch.Tensor    # (P, G)
-    batch: TrainBatch
-
-
-def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, m: int, vmr: VMRConfig,
-                  normalize_std: bool, adv_eps: float) -> StepRows:
-    """Rollouts -> reward batch -> `score(images, prompts, metadata)` -> prefix values -> advantages -> TrainBatch.
-
-    Every row follows `units`, never the order the results came back in (`results` is keyed by uid)."""
-    images = np.concatenate([results[u.uid].images for u in units])
-    prompts = [u.prompt for u in units for _ in range(u.group_size)]
-    meta = [u.metadata for u in units for _ in range(u.group_size)]
-    scored = score(*completion_batch(units, results, images, prompts, meta, vmr.k))     # B * K images (VMR)
-    prefix = prefix_scores(scored.total, scored.components, len(units), units[0].group_size, vmr)
-    adv = group_advantages(prefix.values, normalize_std, adv_eps)
-    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m))
-
-
-def step_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rows: StepRows):
-    """The rollout record of a step (rollout/record.py), one row per sample in unit order."""
-    p = rows.prefix
-    return rollout_table(step, units, results, p.rewards.view(-1).numpy(), p.components,
-                         rows.advantages.view(-1).numpy(), p.values.reshape(-1).numpy(),
-                         p.completions.reshape(len(rows.images), -1).numpy())
-
-
-def step_metrics(rows: StepRows, workers: int) -> dict[str, float]:
-    """Reward, group and VMR statistics of one step (and the pool's size)."""
-    p = rows.prefix
-    return {"reward/mean": p.rewards.mean().item(), "reward/std": p.rewards.std().item(),
-            "zero_std_groups": zero_std_fraction(p.values), "rollout/workers": workers, **vmr_metrics(p),
-            **{f"reward/{k}/mean": float(v.mean()) for k, v in p.components.items()},
-            **{f"reward/{k}/std": float(v.std()) for k, v in p.components.items()}}
-
-
 class Driver:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.store = RunStore(self.run_dir, cfg.name, None)  # opened on `storage` in _prepare_run_dir
         self.timings: dict[str, float] = {}
+        self.prefetched: dict[int, tuple] = {}  # off-policy: the next step's rollouts, sampled during a learner step
         self.doing = "start-up"  # what the driver is at, for the message of a fault that stops the run
 
     # ------------------------------------------------------------------ writes
@@ -248,24 +188,47 @@ class Driver:
         self.timings[name] = time.perf_counter() - t
         return out
 
+    def _rollouts(self, step: int, cursor: int) -> tuple[list, dict, object]:
+        """Sample step `step` with the weights the workers hold: (units, results, score(*reward batch) -> Scored).
+        Streaming, each unit's reward request goes out as its rollout returns; `score` then waits for them."""
+        cfg = self.cfg
+        units = make_units(cfg, step, cursor, self.items, self.tokenizer)
+        if not cfg.loop.stream_rewards:
+            results = self._timed("rollout", self.pool.run, units)
+            return units, results, lambda *batch: self._timed("reward", self.rewards.score, *batch)
+        stream = StreamedRewards(self.rewards, cfg.vmr.k)
+        results = self._timed("rollout", self.pool.run, units, stream.submit)
+        return units, results, lambda images, *_: self._timed("reward", stream.gather, units, len(images))
+
+    def _overlaps(self, step: int) -> bool:
+        """Off-policy: sample step + 1 during this learner step, unless a checkpoint follows this step (so a resumed
+        run samples step + 1 with the checkpoint's weights, exactly as the uninterrupted run did)."""
+        c = self.cfg
+        return bool(c.loop.off_policy_steps) and step < c.steps and step % c.checkpoint.every != 0
+
     def step(self, state: DriverState) -> dict:
         cfg, step = self.cfg, state.step + 1
         self.doing = f"step {step}"
         t0 = time.perf_counter()
-        units = make_units(cfg, step, state.cursor, self.items, self.tokenizer)
-        results = self._timed("rollout", self.pool.run, units)
-        score = lambda *batch: self._timed("reward", self.rewards.score, *batch)  # noqa: E731
+        units, results, score = self.prefetched.pop(step, None) or self._rollouts(step, state.cursor)
         rows = assemble_step(units, results, score, cfg.m, cfg.vmr, cfg.normalize_std, cfg.adv_eps)
-        learn = self._timed("learner", self.learner.step, rows.batch)
+        trained_from = self.learner.version  # the weights this step's gradient is applied to
+        stale = check_staleness(results, trained_from, cfg.loop.off_policy_steps)
+        if self._overlaps(step):
+            started = self.learner.start_step(rows.batch)
+            self.prefetched = {step + 1: self._rollouts(step + 1, state.cursor + len(units))}
+            learn = self._timed("learner", self.learner.finish_step, started)
+        else:
+            learn = self._timed("learner", self.learner.step, rows.batch)
         self._timed("sync", lambda: self.pool.broadcast(*self.learner.publish()))
         if self.pool.version != step:
             raise RuntimeError(f"learner is at weight version {self.pool.version}, the driver at step {step}")
         state.step, state.cursor, state.version = step, state.cursor + len(units), step
         t_log = time.perf_counter()
-        metrics = {**step_metrics(rows, self.pool.size), **{f"learner/{k}": v for k, v in learn.items()},
+        metrics = {**step_metrics(rows, self.pool.size), **{f"learner/{k}": v for k, v in learn.items()}, **stale,
                    **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
         with self._writing(f"the records of step {step}"):
-            written = [write_step(self.run_dir, step, step_table(step, units, results, rows))]
+            written = [write_step(self.run_dir, step, step_table(step, units, results, rows, trained_from))]
             if step % cfg.logging.grid_every == 0 or step == cfg.steps:
                 n = min(cfg.logging.grid_size, len(rows.images))
                 rewards = rows.prefix.rewards.view(-1).tolist()

@@ -300,14 +300,21 @@ class LearnerGroup:
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """One learner step (`passes` optimiser steps) on B rows; metrics averaged over ranks and micro-batches."""
+        return self.finish_step(self.start_step(batch))
+
+    def start_step(self, batch: TrainBatch) -> list[ray.ObjectRef]:
+        """Send the step to the ranks and return at once (the driver samples the next step meanwhile)."""
         if len(batch) != self.cfg.batch_size:
             raise ValueError(f"batch: {len(batch)} rows, the learner is set up for batch_size {self.cfg.batch_size}")
         if len(batch.codes) < self.m or batch.old_logprobs.shape[1] != self.info["tokens"]:
             raise ValueError(f"batch: needs codes of scales 1..{self.m} and old_logprobs (B, {self.info['tokens']}), "
                              f"got {len(batch.codes)} scales and {tuple(batch.old_logprobs.shape)}")
         batch = TrainBatch(batch.text_ids, batch.codes[: self.m], batch.old_logprobs, batch.advantages)
-        shards = split_rows(batch, self.cfg.num_ranks)
-        records = gather([a.step.remote(s) for a, s in zip(self.actors, shards)], "a learner step")
+        return [a.step.remote(s) for a, s in zip(self.actors, split_rows(batch, self.cfg.num_ranks))]
+
+    def finish_step(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
+        """Wait for a started step; its metrics averaged over ranks and micro-batches."""
+        records = gather(refs, "a learner step")
         self.version += 1
         return reduce_metrics([r for rank in records for r in rank]) | {"version": self.version}
 

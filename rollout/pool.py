@@ -116,8 +116,11 @@ class RolloutPool:
         self.stats["workers_lost"] += 1
 
     # ------------------------------------------------------------------ sampling
-    def run(self, units: list[WorkUnit]) -> dict[str, UnitResult]:
-        """Sample every unit once on any live worker; units of a dead worker are re-run elsewhere."""
+    def run(self, units: list[WorkUnit],
+            on_result: Callable[[WorkUnit, UnitResult], None] | None = None) -> dict[str, UnitResult]:
+        """Sample every unit once on any live worker; units of a dead worker are re-run elsewhere.
+
+        `on_result(unit, result)` is called once per unit as its result arrives (in arrival order)."""
         pending = deque(units)
         inflight: dict[ray.ObjectRef, tuple[int, WorkUnit]] = {}
         results: dict[str, UnitResult] = {}
@@ -151,6 +154,8 @@ class RolloutPool:
                                    f"expected v{self.version}")
             results[unit.uid] = result
             self.stats["units"] += 1
+            if on_result is not None:
+                on_result(unit, result)
         return results
 
     def shutdown(self) -> None:

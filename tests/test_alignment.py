@@ -10,7 +10,7 @@ import torch
 
 from rewards.combine import Scored
 from rl.config import VMRConfig
-from rl.driver import assemble_step, step_table
+from rl.step import assemble_step, step_table
 from rl.grpo import soft_value
 from rollout.units import UnitResult, WorkUnit
 

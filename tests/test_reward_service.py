@@ -216,3 +216,47 @@ def test_unknown_reward_fails_before_deploying(cfg):
     bad = cfg.model_copy(update={"rewards": [cfg.rewards[0], cfg.rewards[0].model_copy(update={"name": "nope"})]})
     with pytest.raises(RewardError, match=r"^reward 'nope': unknown"):
         start_service(bad)
+
+
+def unit_and_result(i: int, g: int = 3, fault: str | None = None):
+    """A work unit of G images of one prompt, and its rollout result (as a rollout worker returns it)."""
+    from rollout.units import UnitResult, WorkUnit
+
+    b = make_batch(g, seed=100 + i)
+    meta = {**b.metadata[0], **({"fault": fault} if fault else {})}
+    images = np.stack([b.images[0]] + list(b.images[1:]))
+    unit = WorkUnit(f"1/{i}", 1, i, b.prompts[0], (1, 2), 0, g, meta)
+    return unit, UnitResult(unit.uid, [], images, np.zeros((g, 1), np.float32), 0, "w")
+
+
+@pytest.mark.slow
+def test_streamed_rewards_come_back_in_unit_order_equal_to_one_request(client):
+    """Units arrive out of order, each is its own request (the service merges them); gather returns the step's
+    rewards in unit order, exactly what one request for the whole step returns."""
+    from rewards.combine import Scored
+    from rl.step import StreamedRewards
+
+    pairs = [unit_and_result(i) for i in range(5)]
+    units = [u for u, _ in pairs]
+    stream = StreamedRewards(client, k=1)
+    for unit, result in reversed(pairs):  # arrival order is not unit order
+        stream.submit(unit, result)
+    streamed = stream.gather(units, 15)
+    images = np.concatenate([r.images for _, r in pairs])
+    whole = client.score(images, [u.prompt for u in units for _ in range(3)], [u.metadata for u in units for _ in range(3)])
+    for key in ("verifier", "redness", "prompt_length"):
+        assert streamed.components[key].tolist() == whole.components[key].tolist(), key
+    np.testing.assert_allclose(streamed.total, whole.total, rtol=1e-6)
+    assert isinstance(streamed, Scored) and not stream.pending
+
+
+@pytest.mark.slow
+def test_a_streamed_unit_that_fails_is_retried_then_an_error_never_a_zero(client):
+    from rl.step import StreamedRewards
+
+    pairs = [unit_and_result(0), unit_and_result(1, fault="raise"), unit_and_result(2)]
+    stream = StreamedRewards(client, k=1)
+    for unit, result in pairs:
+        stream.submit(unit, result)
+    with pytest.raises(RewardServiceError, match=r"^reward 'faulty': raised ValueError: boom \(after 2 attempts\)$"):
+        stream.gather([u for u, _ in pairs], 9)

@@ -16,6 +16,8 @@ from policy.stages.sft import SFTConfig
 from policy.stages.tokenizer import TokenizerStageConfig, psnr
 from policy.stages.tokenizer import train_fn as tokenizer_fn
 from policy.tokenizer import MultiScaleVQ, VQConfig
+from rewards.judge_train import JudgeStageConfig
+from rewards.judge_train import train_fn as judge_fn
 from tests.conftest import SCHED
 
 pytestmark = pytest.mark.slow
@@ -37,7 +39,9 @@ def stage_outputs(local_ray, tmp_path_factory):
                                         phases=[Phase(steps=2, alpha=0.9)], **common))
     clip = launch(clip_fn, RewardModelConfig(name="clip", num_workers=2, steps=2, batch_size=8, checkpoint_every=2,
                                              **common))
-    return {"tok": tok, "pre": pre, "sft": sft, "clip": clip}
+    judge = launch(judge_fn, JudgeStageConfig(name="judge", num_workers=2, steps=2, batch_size=4, checkpoint_every=2,
+                                              heldout_examples=8, **common))
+    return {"tok": tok, "pre": pre, "sft": sft, "clip": clip, "judge": judge}
 
 
 def _metrics(path):
@@ -70,6 +74,18 @@ def test_reward_model_stage_loads_in_open_clip(stage_outputs):
         feats = model.encode_text(tok(["a red circle", "two blue squares"]))
     assert feats.shape == (2, 64)
     assert "i2t_acc" in _metrics(path)
+
+
+def test_judge_stage_exports_a_folder_transformers_loads(stage_outputs):
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    path = stage_outputs["judge"]
+    m = _metrics(path)
+    assert m["step"] == 2 and 0.0 <= m["heldout_acc"] <= 1.0
+    model = Blip2ForConditionalGeneration.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert model.config.architectures == ["Blip2ForConditionalGeneration"]
+    assert processor.tokenizer.convert_tokens_to_ids("yes") != processor.tokenizer.unk_token_id
 
 
 def test_semantic_tokenizer_stage(local_ray, tmp_path):

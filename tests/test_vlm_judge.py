@@ -73,6 +73,42 @@ def test_config_errors_name_the_field(tmp_path):
         VlmJudge(model=str(tmp_path), python=str(tmp_path / "nopython"))
 
 
+def test_judge_examples_alternate_true_and_conflicting_captions():
+    from policy.stages.common import sample_specs
+    from rewards.judge_train import judge_examples
+    from shapes.verifier import score
+
+    rng = random.Random(0)
+    specs = sample_specs(rng, 12)
+    images, questions, labels = judge_examples(rng, specs, "q {prompt} ?")
+    assert labels == [1, 0] * 6 and images.shape == (12, 64, 64, 3)
+    from shapes.world import caption
+
+    assert all(q == f"q {caption(s)} ?" for q, s, y in zip(questions, specs, labels) if y)
+    assert all(q != f"q {caption(s)} ?" for q, s, y in zip(questions, specs, labels) if not y)
+    assert all(score(im, s)["all"] for im, s in zip(images, specs))  # the scene shows its own spec
+
+
+def test_answer_logits_read_the_token_after_each_question_whatever_the_padding():
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from rewards.judge_model import build_config, build_processor
+    from rewards.judge_train import answer_logits
+
+    processor = build_processor()
+    torch.manual_seed(0)
+    model = Blip2ForConditionalGeneration(build_config(len(processor.tokenizer), 32, 1, 32, 1)).eval()
+    images, _, _ = shapes_batch(2)
+    questions = ["does the image show a red circle ?", "is this two blue squares left of a green triangle ?"]
+    with torch.no_grad():
+        batched = answer_logits(model, processor, images, questions)
+        alone = torch.cat([answer_logits(model, processor, images[i:i + 1], questions[i:i + 1]) for i in range(2)])
+        full = model(**processor(images=list(images[:1]), text=questions[:1], return_tensors="pt")).logits[0, -1]
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone[0], full)
+
+
 # ------------------------------------------------------------------------------- a real vLLM engine (slow)
 needs_judge_env = pytest.mark.skipif(not DEFAULT_PYTHON.exists(),
                                      reason=f"no judge venv at {DEFAULT_PYTHON.parent.parent} (run `make judge-env`)")

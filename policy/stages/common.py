@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.atomic import atomic_dir
 from core.config import absolute_path
 from shapes.world import CATEGORIES, Spec, all_specs, caption, render, split_prompts
 
@@ -190,13 +191,9 @@ def launch(train_fn: Callable[[dict], None], cfg: StageConfig) -> Path:
     if result.checkpoint is None:
         raise RuntimeError(f"stage {cfg.name}: finished without a checkpoint")
     out = cfg.out_dir()
-    with result.checkpoint.as_directory() as d:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(Path(d) / "artefact", tmp)
+    with result.checkpoint.as_directory() as d, atomic_dir(out) as tmp:  # the old artefact goes only once replaced
+        shutil.copytree(Path(d) / "artefact", tmp, dirs_exist_ok=True)
         shutil.copy(Path(d) / "metrics.json", tmp / "metrics.json")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # atomic on one filesystem: a reader never sees a half-copied artefact
     print(f"[stage] {cfg.name}: exported {out} ({json.loads((out / 'metrics.json').read_text())})")
     return out
 

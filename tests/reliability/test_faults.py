@@ -78,7 +78,10 @@ def test_rollout_worker_killed_while_sampling(reference_run, rl_assets, tmp_path
 
 
 def test_reward_replica_killed_during_a_batch(reference_run, rl_assets, tmp_path):
-    driver = Driver(RunConfig(**slow_reward_config(rl_assets, tmp_path, "replica")))
+    """Sequential rewards (one request per step, so call N is step N + 1's batch) against the reference run,
+    which streams them per unit: also the check that streaming changes no reward, advantage or weight."""
+    cfg = slow_reward_config(rl_assets, tmp_path, "replica", **{"loop.stream_rewards": False})
+    driver = Driver(RunConfig(**cfg))
     call = tmp_path / "markers-replica" / "call-1"   # the batch of step 2, in flight
     killed = []
 
@@ -133,25 +136,46 @@ def kill_point(seed: int) -> tuple[int, float]:
     return rng.randint(0, 3), rng.uniform(0.0, 2.5)
 
 
-@pytest.mark.parametrize("seed", range(10) if LONG else [1])  # seed 1: killed mid-run, after step 1
-def test_driver_sigkilled_at_a_random_point_resumes_identically(seed, reference_run, rl_assets, tmp_path):
-    cfg = run_config(rl_assets, tmp_path, f"driver{seed}")
+def kill_and_resume(cfg: dict, tmp_path: Path, rows: int, delay: float) -> Path:
+    """`rl train` in a subprocess, SIGKILLed once metrics.jsonl has `rows` lines plus `delay` s, then resumed."""
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "rl", "train", str(path)]
     metrics = Path(cfg["runs_dir"]) / cfg["name"] / "metrics.jsonl"
-    rows, delay = kill_point(seed)
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while first.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
         time.sleep(0.01)
     time.sleep(delay)
     first.send_signal(signal.SIGKILL)
     out = first.communicate()[0]
-    print(f"seed {seed}: killed after {rows} steps + {delay:.2f} s (exit {first.returncode})")
+    print(f"{cfg['name']}: killed after {rows} steps + {delay:.2f} s (exit {first.returncode})")
     second = subprocess.run(cmd + ["resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, (out + second.stdout + second.stderr)[-3000:]
-    assert_same_run(reference_run, Path(cfg["runs_dir"]) / cfg["name"])
+    return Path(cfg["runs_dir"]) / cfg["name"]
+
+
+@pytest.mark.parametrize("seed", range(10) if LONG else [1])  # seed 1: killed mid-run, after step 1
+def test_driver_sigkilled_at_a_random_point_resumes_identically(seed, reference_run, rl_assets, tmp_path):
+    run = kill_and_resume(run_config(rl_assets, tmp_path, f"driver{seed}"), tmp_path, *kill_point(seed))
+    assert_same_run(reference_run, run)
+
+
+def test_off_policy_staleness_is_bounded_recorded_and_resume_is_identical(local_ray, rl_assets, tmp_path):
+    """loop.off_policy_steps=1, checkpoints every 2 of 4 steps: steps 2 and 4 are sampled during the learner steps
+    1 and 3 with the weights one version behind; a driver SIGKILLed in step 3 or 4 resumes to the same run."""
+    over = {"steps": 4, "checkpoint.every": 2, "loop.off_policy_steps": 1}
+    reference = Driver(RunConfig(**run_config(rl_assets, tmp_path / "a", "offref", **over)))
+    reference.run()
+    table = pq.read_table(reference.run_dir / "rollouts")
+    per_step: dict[int, set] = {}
+    for step, stale in zip(table["step"].to_pylist(), table["staleness"].to_pylist()):
+        per_step.setdefault(step, set()).add(stale)
+    assert per_step == {1: {0}, 2: {1}, 3: {0}, 4: {1}}
+    rows = [json.loads(x) for x in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 0, 1]
+    run = kill_and_resume(run_config(rl_assets, tmp_path / "b", "offkill", **over), tmp_path, 3, 0.0)
+    assert_same_run(reference.run_dir, run)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -1,0 +1,112 @@
+"""One step's data, pure: work units from the prompt stream, and the rollouts -> rewards -> advantages -> learner
+rows assembly, every row in unit order. `StreamedRewards` sends each unit's reward request as its rollout returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from rewards.combine import Scored
+from rl.config import RunConfig, VMRConfig
+from rl.grpo import group_advantages, zero_std_fraction
+from rl.prompts import prompts_at
+from rl.update import TrainBatch
+from rl.vmr import PrefixScores, completion_batch, prefix_scores, vmr_metrics
+from rollout.record import rollout_table
+from rollout.units import UnitResult, WorkUnit, unit_seed
+
+
+def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -> list[WorkUnit]:
+    picked = prompts_at(items, cfg.seed, cursor, cfg.prompts_per_step, balance=cfg.prompts.balance)
+    ids = tokenizer([p for p, _ in picked], add_special_tokens=False)["input_ids"]
+    return [WorkUnit(f"{step}/{i}", step, i, p, tuple(t), unit_seed(cfg.seed, step, i), cfg.group_size, meta)
+            for i, ((p, meta), t) in enumerate(zip(picked, ids))]
+
+
+def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int) -> TrainBatch:
+    """The learner's rows in unit order (G per unit): row i's text, codes and old log-probs are those of sample i."""
+    rows = [results[u.uid] for u in units]
+    text = [list(u.text_ids) for u in units for _ in range(u.group_size)]
+    codes = [torch.from_numpy(np.concatenate([r.codes[s] for r in rows])) for s in range(m)]
+    old = torch.from_numpy(np.concatenate([r.logprobs for r in rows]))
+    return TrainBatch(text_ids=text, codes=codes, old_logprobs=old, advantages=advantages.reshape(-1).float())
+
+
+@dataclass
+class StepRows:
+    """One step's B = P x G rows, all in unit order (row p * G + j = sample j of unit p)."""
+    images: np.ndarray          # (B, H, W, 3) uint8 rollout images
+    prompts: list[str]          # (B,)
+    prefix: PrefixScores        # rewards / values (P, G), completions (P, G, K), components (B,)
+    advantages: torch.Tensor    # (P, G)
+    batch: TrainBatch
+
+
+def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, m: int, vmr: VMRConfig,
+                  normalize_std: bool, adv_eps: float) -> StepRows:
+    """Rollouts -> reward batch -> `score(images, prompts, metadata)` -> prefix values -> advantages -> TrainBatch.
+
+    Every row follows `units`, never the order the results came back in (`results` is keyed by uid)."""
+    images = np.concatenate([results[u.uid].images for u in units])
+    prompts = [u.prompt for u in units for _ in range(u.group_size)]
+    meta = [u.metadata for u in units for _ in range(u.group_size)]
+    scored = score(*completion_batch(units, results, images, prompts, meta, vmr.k))     # B * K images (VMR)
+    prefix = prefix_scores(scored.total, scored.components, len(units), units[0].group_size, vmr)
+    adv = group_advantages(prefix.values, normalize_std, adv_eps)
+    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m))
+
+
+def step_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rows: StepRows,
+               learner_version: int | None = None):
+    """The rollout record of a step (rollout/record.py), one row per sample in unit order; with the learner's
+    weight version at training, a `staleness` column (learner version - the sample's version)."""
+    p = rows.prefix
+    table = rollout_table(step, units, results, p.rewards.view(-1).numpy(), p.components,
+                          rows.advantages.view(-1).numpy(), p.values.reshape(-1).numpy(),
+                          p.completions.reshape(len(rows.images), -1).numpy())
+    if learner_version is None:
+        return table
+    return table.append_column("staleness", pa.array(learner_version - np.asarray(table["version"]), pa.int64()))
+
+
+def check_staleness(results: dict[str, UnitResult], learner_version: int, bound: int) -> dict[str, float]:
+    """Staleness of a step's samples (learner version - sample version): metrics, or RuntimeError past `bound`."""
+    stale = np.array([learner_version - r.version for r in results.values()])
+    if stale.max() > bound or stale.min() < 0:
+        raise RuntimeError(f"off-policy: samples {int(stale.max())} version(s) behind the learner, bound {bound}")
+    return {"rollout/staleness_max": float(stale.max()), "rollout/staleness_mean": float(stale.mean())}
+
+
+def step_metrics(rows: StepRows, workers: int) -> dict[str, float]:
+    """Reward, group and VMR statistics of one step (and the pool's size)."""
+    p = rows.prefix
+    return {"reward/mean": p.rewards.mean().item(), "reward/std": p.rewards.std().item(),
+            "zero_std_groups": zero_std_fraction(p.values), "rollout/workers": workers, **vmr_metrics(p),
+            **{f"reward/{k}/mean": float(v.mean()) for k, v in p.components.items()},
+            **{f"reward/{k}/std": float(v.std()) for k, v in p.components.items()}}
+
+
+class StreamedRewards:
+    """Each unit's reward batch (its G images, or G x K completions under VMR) goes to the reward service as soon
+    as its rollout returns (`submit`, the pool's per-unit callback), so requests of many units are in flight at
+    once and the service batches them across replicas; `gather` waits for them and returns the step's Scored in
+    unit order: the same rows as one request for the whole step (completion_batch is unit-major)."""
+
+    def __init__(self, client, k: int):
+        self.client, self.k = client, k
+        self.pending: dict = {}
+
+    def submit(self, unit: WorkUnit, result: UnitResult) -> None:
+        g = unit.group_size
+        batch = completion_batch([unit], {unit.uid: result}, result.images, [unit.prompt] * g, [unit.metadata] * g,
+                                 self.k)
+        self.pending[unit.uid] = self.client.submit(*batch)
+
+    def gather(self, units: list[WorkUnit], n: int) -> Scored:
+        scored = Scored.concat([self.pending.pop(u.uid).result() for u in units])
+        if len(scored) != n:
+            raise RuntimeError(f"streamed rewards: {len(scored)} scores for a reward batch of {n}")
+        return scored
