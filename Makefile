@@ -44,3 +44,9 @@ $(JUDGE_STAMP): constraints-judge.txt
 	$(JUDGE_VENV)/bin/python -m pip uninstall -y -q torchaudio torchcodec torchvision
 	touch $(JUDGE_STAMP)
 judge-env: $(JUDGE_STAMP)
+
+# The trained judge (issue 13): the judge stage (Ray Train, main venv), then shipped as checkpoints/shapes-judge.
+.PHONY: judge
+judge: $(STAMP)
+	$(PY) -m rewards.judge_train configs/stages/shapes-judge.yaml
+	$(PY) -m rewards.judge_model --ship runs/stages/shapes-judge/final checkpoints/shapes-judge

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -69,8 +69,19 @@ def with_section_defaults(cls: type[BaseModel], data: dict) -> dict:
         sub = data.get(name)
         default = field.get_default(call_default_factory=True)
         if isinstance(sub, dict) and isinstance(default, BaseModel):
-            data[name] = with_section_defaults(type(default), deep_merge(default.model_dump(exclude_unset=True), sub))
+            data = {**data, name: deep_merge(default.model_dump(exclude_unset=True), sub)}
     return data
+
+
+class Sections(BaseModel):
+    """A config model whose partly given sections keep their field's own defaults for the rest
+    (`with_section_defaults`), the same whether it is built from YAML, overrides or keyword arguments."""
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_defaults(cls, data):
+        return with_section_defaults(cls, data) if isinstance(data, dict) else data
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -122,7 +133,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
             raise ConfigError(f"config: {path} cannot be read ({e.strerror or type(e).__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping at the top level")
-    data = with_section_defaults(cls, apply_overrides(data, list(overrides)))
+    data = apply_overrides(data, list(overrides))
     try:
         return cls.model_validate(data, context=context)
     except ValidationError as e:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from tqdm import tqdm
 
-from core.config import load_config
+from core.config import Sections, load_config
 from policy.images import save_grid, to_uint8
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import SampleConfig, sample
@@ -29,7 +29,7 @@ from shapes.verifier import partial_credit, score
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Sections):
     model_config = ConfigDict(extra="forbid")
     policy: PolicyConfig = Field(PolicyConfig(), description="the policy to score (policy.path: a saved one)")
     sample: SampleConfig = Field(SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95),

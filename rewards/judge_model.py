@@ -16,6 +16,7 @@ image processors (or `vision.get_vision_encoder_info`, which imports Pixtral's),
 level. vLLM's BLIP-2 path (and Idefics3's) imports none of it.
 
     python -m rewards.judge_model OUT_DIR [--seed 0]     # random init (the untrained judge), saved as a HF folder
+    python -m rewards.judge_model --ship SRC OUT_DIR     # ship a trained judge (make judge)
 
 Runs in either venv (the main one: transformers 5.24; the judge one: transformers 5.16-5.19); build it with the
 judge venv's Python when vLLM will load it, so the saved config is written by the transformers vLLM reads it with.
@@ -90,10 +91,11 @@ def build_config(vocab_size: int, text_hidden: int = 128, text_layers: int = 2, 
 
     vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                num_hidden_layers=vision_layers, num_attention_heads=vision_hidden // 32,
-                               image_size=IMAGE_SIZE, patch_size=PATCH)
+                               image_size=IMAGE_SIZE, patch_size=PATCH,
+                               initializer_range=0.02)  # BLIP's default 1e-10 starts the tower at ~0: dead, huge grads
     qformer = Blip2QFormerConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=1,
                                  num_attention_heads=vision_hidden // 32, encoder_hidden_size=vision_hidden,
-                                 vocab_size=len(SPECIALS))
+                                 vocab_size=len(SPECIALS), layer_norm_eps=1e-6)  # 1e-12 and zero queries: 1e19 grads
     text = OPTConfig(vocab_size=vocab_size, hidden_size=text_hidden, ffn_dim=2 * text_hidden,
                      num_hidden_layers=text_layers, num_attention_heads=text_hidden // 32,
                      max_position_embeddings=256, word_embed_proj_dim=text_hidden, pad_token_id=0, bos_token_id=2,
@@ -107,13 +109,21 @@ def build_config(vocab_size: int, text_hidden: int = 128, text_layers: int = 2, 
 
 def build_judge(seed: int = 0):
     """(model, processor): the tiny BLIP-2 judge with random weights (seeded)."""
+    processor = build_processor()
+    return init_judge(build_config(len(processor.tokenizer)), seed).eval(), processor
+
+
+def init_judge(config, seed: int = 0):
+    """A fresh `Blip2ForConditionalGeneration`; the Q-Former's query tokens drawn N(0, 0.02), as BLIP-2 trains
+    them (transformers starts them at zero: the Q-Former's first LayerNorm then sees a constant input)."""
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    processor = build_processor()
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(build_config(len(processor.tokenizer))).eval()
-    return model, processor
+    model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, config.initializer_range)
+    return model
 
 
 def save_judge(model, processor, out: str | Path, template: str = DEFAULT_TEMPLATE) -> Path:
@@ -126,11 +136,40 @@ def save_judge(model, processor, out: str | Path, template: str = DEFAULT_TEMPLA
     return out
 
 
+SHIP_LIMIT = 20 * 2**20   # issue 13: a shipped judge is at most 20 MB
+
+
+def ship_judge(src: str | Path, dst: str | Path) -> Path:
+    """Copy a trained judge folder (the judge stage's artefact) to `dst` with a README of its stage metrics."""
+    import shutil
+
+    from core.atomic import atomic_dir
+
+    src, dst = Path(src), Path(dst)
+    size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    if size > SHIP_LIMIT:
+        raise ValueError(f"judge: {src} holds {size / 2**20:.1f} MB, more than the {SHIP_LIMIT // 2**20} MB to ship")
+    metrics = json.loads((src / "metrics.json").read_text())
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        (tmp / "README.md").write_text(
+            "# The trained tiny shapes judge\n\nA `Blip2ForConditionalGeneration` folder (`rewards/judge_model.py`) "
+            "that vLLM serves as the `vlm_judge` reward's `model`; trained by `make judge` (rewards/judge_train.py, "
+            f"configs/stages/shapes-judge.yaml). {size / 2**20:.1f} MB.\n\nFinal stage metrics: "
+            f"`{json.dumps(metrics)}` (heldout_acc: yes/no accuracy on held-out prompts, half true captions, half "
+            "conflicting ones).\n")
+    return dst
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ship", metavar="SRC", help="ship the trained judge folder SRC to OUT instead")
     args = ap.parse_args(argv)
+    if args.ship:
+        print(f"shipped {ship_judge(args.ship, args.out)}")
+        return
     model, processor = build_judge(args.seed)
     path = save_judge(model, processor, args.out)
     n = sum(p.numel() for p in model.parameters())

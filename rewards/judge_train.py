@@ -6,8 +6,9 @@ A Ray Train job like the other stages (`policy/stages/common.py`). Each example 
 prompt and a question `question_template.format(prompt=...)` about it: half the time its own caption (answer
 "yes"), half the time the caption of `conflicting_spec` (one attribute changed: shape, colour, count or relation;
 answer "no"). The loss is the cross-entropy of the answer token after the question over the whole vocabulary, so
-a served judge's top log-probabilities hold "yes" and "no". At every checkpoint it measures the yes/no accuracy
-on held-out prompts (never trained on), half true and half conflicting, with a fixed seed.
+a served judge's top log-probabilities hold "yes" and "no". The first `caption_steps` train the caption loss alone:
+a judge that can already describe a scene learns the yes/no answer in ~100 steps, one that cannot stays at
+chance for 1,000s. At every checkpoint it measures the yes/no accuracy on held-out prompts (never trained on), half true and half conflicting, with a fixed seed.
 
 The artefact is a HF folder (`Blip2ForConditionalGeneration` + processor + word-level tokenizer) that
 `vllm.LLM` loads as the `vlm_judge` reward's `model`.
@@ -23,8 +24,9 @@ from pydantic import Field
 
 from policy.optim import configure_optimizers
 from policy.stages.common import StageConfig, main, sample_specs, step_rng, train_steps, world
-from rewards.judge_model import DEFAULT_TEMPLATE, QUERY_TOKENS, build_config, build_processor, save_judge
-from shapes.world import Spec, caption, conflicting_spec, render
+from rewards.judge_model import (DEFAULT_TEMPLATE, QUERY_TOKENS, build_config, build_processor, init_judge,
+                                 save_judge)
+from shapes.world import Spec, caption, conflicting_spec, render, split_prompts
 
 
 class JudgeStageConfig(StageConfig):
@@ -33,16 +35,26 @@ class JudgeStageConfig(StageConfig):
     text_layers: int = Field(2, description="OPT text model layers")
     vision_hidden: int = Field(64, description="vision tower and Q-Former width (a multiple of 32)")
     vision_layers: int = Field(2, description="vision tower layers")
+    caption_steps: int = Field(500, ge=0, description="first steps: the caption loss alone (without it first, the "
+                                                       "yes/no answer stays at chance for 1,000s of steps)")
     caption_weight: float = Field(1.0, description="weight of the caption language-modelling loss on true examples")
     heldout_examples: int = Field(400, description="held-out yes/no questions scored at every checkpoint")
 
 
-def judge_examples(rng: random.Random, specs: list[Spec], template: str) -> tuple[np.ndarray, list[str], list[int]]:
-    """Scenes of `specs`, each asked about its own caption (label 1) or a conflicting one (label 0), alternately."""
+def judge_examples(rng: random.Random, specs: list[Spec], template: str, allowed: set[Spec] | None = None,
+                   negatives: bool = True) -> tuple[np.ndarray, list[str], list[int]]:
+    """Scenes of `specs`, each asked about its own caption (label 1) or a conflicting one (label 0), alternately
+    (`negatives=False`: always its own caption).
+
+    `allowed`: the conflicting captions come from this set too (training: the training prompts), else the judge
+    learns that an unfamiliar caption means "no" and answers "no" to every held-out prompt."""
     images, questions, labels = [], [], []
     for i, spec in enumerate(specs):
         images.append(render(spec, rng))
-        asked = spec if i % 2 == 0 else conflicting_spec(spec, rng)
+        asked = spec
+        if negatives and i % 2:
+            asked = next((c for c in (conflicting_spec(spec, rng) for _ in range(50)) if allowed is None or
+                          c in allowed), conflicting_spec(spec, rng))
         questions.append(template.format(prompt=caption(asked)))
         labels.append(int(asked == spec))
     return np.stack(images), questions, labels
@@ -97,26 +109,26 @@ def heldout_accuracy(model, processor, template: str, n: int, seed: int = 1234, 
 
 
 def train_fn(config: dict) -> None:
-    from transformers import Blip2ForConditionalGeneration
-
     cfg = JudgeStageConfig(**config)
     rank, _ = world()
     processor = build_processor()
-    torch.manual_seed(cfg.seed)
-    model = Blip2ForConditionalGeneration(build_config(len(processor.tokenizer), cfg.text_hidden, cfg.text_layers,
-                                                       cfg.vision_hidden, cfg.vision_layers)).train()
+    model = init_judge(build_config(len(processor.tokenizer), cfg.text_hidden, cfg.text_layers, cfg.vision_hidden,
+                                    cfg.vision_layers), cfg.seed).train()
     opt = configure_optimizers(model, cfg.lr, weight_decay=cfg.weight_decay)
     ids = yes_no_ids(processor)
+    train = set(split_prompts().train)
 
     def step_fn(step: int):
         rng = step_rng(cfg.seed, step, rank)
-        images, questions, labels = judge_examples(rng, sample_specs(rng, cfg.batch_size), cfg.question_template)
+        captions_only = step < cfg.caption_steps
+        images, questions, labels = judge_examples(rng, sample_specs(rng, cfg.batch_size), cfg.question_template,
+                                                   train, negatives=not captions_only)
         labels = torch.tensor(labels)
         full, input_ids, mask, last = judge_forward(model, processor, images, questions)
         logits = full[torch.arange(len(labels)), last]
         answer = torch.nn.functional.cross_entropy(logits, ids[labels])
         lm = caption_loss(full, input_ids, mask, labels.bool())
-        loss = answer + cfg.caption_weight * lm
+        loss = lm if captions_only else answer + cfg.caption_weight * lm
         metrics = {"acc": (logits[:, ids].argmax(1) == labels).float().mean(), "answer_loss": answer.detach(),
                    "caption_loss": lm.detach()}
         done = step + 1

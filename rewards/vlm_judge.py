@@ -178,7 +178,7 @@ class VlmJudge:
                  replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, max_batch_size: int = 16,
                  batch_wait_timeout_s: float = 0.05, python: str | None = None, engine_kwargs: dict | None = None,
                  app_name: str = "vlm_judge", served_model: str | None = None, api_key: str | None = None,
-                 timeout_s: float = 120.0, cache_dir: str | None = None):
+                 timeout_s: float = 120.0, cache_dir: str | None = None, retries: int = 2):
         if (model is None) == (base_url is None):
             raise ValueError("model / base_url: give exactly one (a model folder served here, or a judge server)")
         self.template = check_template(question_template)
@@ -188,7 +188,7 @@ class VlmJudge:
             raise ValueError(f"top_logprobs: must be in 1..100, got {top_logprobs}")
         self.top_logprobs, self.neutral = top_logprobs, neutral_score
         self.yes, self.no = tuple(w.lower() for w in yes), tuple(w.lower() for w in no)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.retries, self.replicas_lost = timeout_s, retries, 0
         if base_url is not None:
             self.base_url, self.api_key = base_url.rstrip("/"), api_key
             self.served_model = served_model
@@ -235,8 +235,23 @@ class VlmJudge:
 
     # ------------------------------------------------------------------------------------------ scoring
     def _ask_engine(self, pngs: list[bytes], texts: list[str]) -> list[dict[str, float]]:
+        """Every image is its own request (Serve batches them); a request whose replica died mid-batch is asked
+        again (`retries` times) once Serve has started a new replica; a failure is raised, never a score."""
+        from ray.exceptions import RayActorError
+
         responses = [self.handle.remote(p, t) for p, t in zip(pngs, texts)]
-        return [r.result(timeout_s=self.timeout_s) for r in responses]
+        answers = []
+        for png, text, response in zip(pngs, texts, responses):
+            for attempt in range(self.retries + 1):
+                try:
+                    answers.append(response.result(timeout_s=self.timeout_s))
+                    break
+                except RayActorError:  # ActorDiedError / ActorUnavailableError: the replica was lost
+                    if attempt == self.retries:
+                        raise
+                    self.replicas_lost += 1
+                    response = self.handle.remote(png, text)
+        return answers
 
     def _ask_server(self, pngs: list[bytes], texts: list[str]) -> list[dict[str, float]]:
         from concurrent.futures import ThreadPoolExecutor

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_serializer, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, model_serializer, model_validator
 
-from core.config import absolute_path, redact_secrets
+from core.config import Sections, absolute_path, redact_secrets
 from core.settings import SampleConfig
 from rewards.config import RewardsConfig
 from rl.strategy import LearnerConfig
@@ -28,7 +28,7 @@ def in_ray_job_working_copy(path: str) -> bool:
     return "runtime_resources" in cwd.parts and Path(path).resolve().is_relative_to(cwd)
 
 
-class _Strict(BaseModel):
+class _Strict(Sections):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -32,6 +32,12 @@ def test_override_keeps_the_sections_own_defaults():
         (4, 3.0, "linear", 0.95)
     assert load_config(EvalConfig, None, ["sample.cfg_scale=1.0"]).sample.top_k == 32
     assert load_config(EvalConfig, None, []).sample == EvalConfig().sample
+    # the same from keyword arguments as from YAML / overrides (a run built in-process equals `rl train FILE`)
+    assert EvalConfig(sample={"top_k": 4}).sample == cfg.sample
+    from rl.config import RolloutConfig
+
+    partial = RolloutConfig(sample={"cfg_scale": 2.0}).sample
+    assert (partial.cfg_scale, partial.top_k, partial.guidance_schedule) == (2.0, 32, "linear")
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -115,9 +115,15 @@ needs_judge_env = pytest.mark.skipif(not DEFAULT_PYTHON.exists(),
 APP = "vlm_judge_test"
 
 
+SHIPPED_JUDGE = REPO / "checkpoints" / "shapes-judge"
+
+
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    """The tiny random judge, built by the judge venv's Python (the transformers that vLLM reads it with)."""
+    """The shipped trained judge (checkpoints/shapes-judge, `make judge`); without it the tiny random judge, built
+    by the judge venv's Python."""
+    if (SHIPPED_JUDGE / "config.json").is_file():
+        return SHIPPED_JUDGE
     out = tmp_path_factory.mktemp("judge") / "tiny-judge"
     subprocess.run([str(DEFAULT_PYTHON), "-m", "rewards.judge_model", str(out)], cwd=REPO, check=True,
                    capture_output=True)
@@ -245,3 +251,69 @@ def test_judge_through_an_openai_compatible_server(judge_server):
     scores = np.asarray(out["score"])
     assert scores.shape == (6,) and np.all((scores >= 0) & (scores <= 1))
     np.testing.assert_allclose(j(images, prompts, meta)["score"], scores, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_judge_env
+@pytest.mark.skipif(not (SHIPPED_JUDGE / "config.json").is_file(), reason="no shipped judge (make judge)")
+def test_the_trained_judge_tells_true_from_conflicting_captions_through_vllm(judge):
+    """Held-out scenes asked about their own caption and about a conflicting one: P(yes) separates them."""
+    from policy.stages.common import sample_specs
+    from rewards.judge_train import judge_examples
+    from shapes.world import caption
+
+    rng = random.Random(7)
+    specs = sample_specs(rng, 40, split="heldout")
+    images, questions, labels = judge_examples(rng, specs, "{prompt}")    # the bare captions asked
+    scores = np.asarray(judge(images, questions, [{}] * len(questions))["score"])
+    labels = np.asarray(labels)
+    accuracy = float(((scores > 0.5) == labels).mean())
+    print(f"\njudge through vLLM, 40 held-out questions: accuracy {accuracy:.2f}, mean P(yes) true "
+          f"{scores[labels == 1].mean():.2f} vs conflicting {scores[labels == 0].mean():.2f}")
+    assert scores[labels == 1].mean() > scores[labels == 0].mean() + 0.2 and accuracy >= 0.75
+    assert caption(specs[0]) in questions[0]
+
+
+@pytest.mark.slow
+@needs_judge_env
+def test_a_judge_replica_killed_mid_batch_is_retried_never_a_silent_zero(judge):
+    import os
+    import signal
+    import threading
+
+    from ray import serve
+
+    images, prompts, meta = shapes_batch(16, seed=5)
+    want = judge(images, prompts, meta)["score"]
+    pid = serve.get_app_handle(APP).stats.remote().result(timeout_s=60)["pid"]
+    lost = judge.replicas_lost
+    out = {}
+    t = threading.Thread(target=lambda: out.update(judge(images, prompts, meta)))
+    t.start()
+    time.sleep(0.3)                       # the batch is in the replica
+    os.kill(pid, signal.SIGKILL)
+    t.join(600)
+    assert "score" in out, "the judge call did not come back"
+    np.testing.assert_allclose(out["score"], want, atol=1e-6)   # the lost requests were asked again: same scores
+    new_pid = serve.get_app_handle(APP).stats.remote().result(timeout_s=60)["pid"]
+    assert new_pid != pid and judge.replicas_lost > lost
+
+
+@pytest.mark.slow
+@needs_judge_env
+def test_one_rl_step_with_the_judge_as_the_reward(judge, judge_dir, rl_assets, tmp_path):
+    import json
+
+    from rl.config import RunConfig
+    from rl.driver import Driver
+    from tests.conftest import run_config
+
+    cfg = run_config(rl_assets, tmp_path, "judge-rl", steps=1)
+    cfg["rewards"]["rewards"] = [{"name": "vlm_judge", "weight": 1.0, "label": "judge", "timeout_s": 300,
+                                  "kwargs": {"model": str(judge_dir), "app_name": APP}}]
+    cfg["rewards"]["service"] |= {"timeout_s": 300}
+    driver = Driver(RunConfig(**cfg))
+    driver.run()
+    row = json.loads((driver.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= row["reward/judge/mean"] <= 1.0 and "reward/judge/neither/mean" in row
+    assert (driver.run_dir / "final_policy" / "transformer" / "config.json").is_file()
