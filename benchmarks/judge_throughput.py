@@ -64,10 +64,12 @@ def vllm_side(model_dir: str):
 
 def transformers_side(model_dir: str):
     from PIL import Image
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration
+
+    from rewards.judge_model import load_processor
 
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     tok = processor.tokenizer
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     tok.padding_side = "left"  # generate continues after the last position

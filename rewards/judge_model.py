@@ -75,14 +75,27 @@ def build_processor(tokenizer=None):
     from transformers import Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from tokenizers import AddedToken
-
     image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(),
                                num_query_tokens=QUERY_TOKENS, chat_template=CHAT_TEMPLATE)
-    if isinstance(processor.image_token, str):  # transformers 5.24's __call__ reads image_token.content
+    return with_image_token(processor)
+
+
+def with_image_token(processor):
+    """transformers 5.x's Blip2Processor.__call__ reads `image_token.content`, but takes the tokenizer's
+    `image_token` (a str once saved and loaded): make it the AddedToken it expects."""
+    from tokenizers import AddedToken
+
+    if isinstance(processor.image_token, str):
         processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
     return processor
+
+
+def load_processor(path: str | Path):
+    """The judge's processor from its folder, ready to call."""
+    from transformers import AutoProcessor
+
+    return with_image_token(AutoProcessor.from_pretrained(str(path)))
 
 
 def build_config(vocab_size: int, text_hidden: int = 128, text_layers: int = 2, vision_hidden: int = 64,

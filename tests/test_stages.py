@@ -77,13 +77,15 @@ def test_reward_model_stage_loads_in_open_clip(stage_outputs):
 
 
 def test_judge_stage_exports_a_folder_transformers_loads(stage_outputs):
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration
+
+    from rewards.judge_model import load_processor
 
     path = stage_outputs["judge"]
     m = _metrics(path)
     assert m["step"] == 2 and 0.0 <= m["heldout_acc"] <= 1.0
     model = Blip2ForConditionalGeneration.from_pretrained(path)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     assert model.config.architectures == ["Blip2ForConditionalGeneration"]
     assert processor.tokenizer.convert_tokens_to_ids("yes") != processor.tokenizer.unk_token_id
 

@@ -283,14 +283,14 @@ def test_a_judge_replica_killed_mid_batch_is_retried_never_a_silent_zero(judge):
 
     from ray import serve
 
-    images, prompts, meta = shapes_batch(16, seed=5)
+    images, prompts, meta = shapes_batch(400, seed=5)   # ~50 serve batches of 8: a few seconds in the replica
     want = judge(images, prompts, meta)["score"]
     pid = serve.get_app_handle(APP).stats.remote().result(timeout_s=60)["pid"]
     lost = judge.replicas_lost
     out = {}
     t = threading.Thread(target=lambda: out.update(judge(images, prompts, meta)))
     t.start()
-    time.sleep(0.3)                       # the batch is in the replica
+    time.sleep(0.5)                       # the requests are in the replica
     os.kill(pid, signal.SIGKILL)
     t.join(600)
     assert "score" in out, "the judge call did not come back"
