@@ -28,6 +28,7 @@ from rl.control import NAMESPACE, start_control
 from rl.learner import LearnerDied
 from rl.prompts import load_prompts
 from rl.runstore import RunStore, credential_env, trim_eval_curve
+from rl.strategy import gpu_shortfall
 from rl.step import StreamedRewards, assemble_step, check_staleness, make_units, step_metrics, step_table
 from rl.tracking import Tracker
 from rollout.pool import RolloutPool
@@ -42,6 +43,14 @@ class DriverState:
     version: int = 0       # weight version held by the workers (= step)
     run_id: str | None = None
     eval_before: dict = field(default_factory=dict)
+
+
+def run_gpu_asks(cfg: RunConfig) -> dict[str, float]:
+    """{config field: GPUs a run asks for at start}: learner ranks, rollout workers, reward replicas."""
+    svc = cfg.rewards.service
+    return {"learner.use_gpu": float(cfg.learner.num_ranks if cfg.learner.use_gpu else 0),
+            "rollout.gpus_per_worker": cfg.rollout.gpus_per_worker * cfg.rollout.workers,
+            "rewards.service.num_gpus": svc.num_gpus * svc.replicas}
 
 
 class RunFailed(RuntimeError):
@@ -157,6 +166,9 @@ class Driver:
         cfg = self.cfg
         if not ray.is_initialized():
             ray.init(namespace=NAMESPACE, logging_level="WARNING", log_to_driver=cfg.logging.verbose)  # else: files
+        problem = gpu_shortfall(run_gpu_asks(cfg), float(ray.cluster_resources().get("GPU", 0.0)))
+        if problem:
+            raise ValueError(problem)
         self.control = start_control(cfg.name, cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
         self.rewards = RewardClient(start_service(cfg.rewards, cfg.logging.verbose), cfg.rewards)
         learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})

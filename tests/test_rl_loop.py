@@ -99,3 +99,28 @@ def test_config_validation_catches_cross_field_errors(rl_assets, tmp_path):
         load_config(RunConfig, path, ["learner.num_ranks=5"])
     with pytest.raises(ConfigError, match="policy_path"):
         load_config(RunConfig, path, ["policy_path=/nonexistent"])
+
+
+def test_gpu_shortfall_names_the_first_field_that_does_not_fit():
+    from rl.strategy import gpu_shortfall
+
+    asks = {"learner.use_gpu": 2.0, "rollout.gpus_per_worker": 1.0, "rewards.service.num_gpus": 0.0}
+    assert gpu_shortfall(asks, 3) is None
+    assert gpu_shortfall(asks, 2) == "rollout.gpus_per_worker: asks for 1 GPU(s) (learner.use_gpu 2, " \
+                                     "rollout.gpus_per_worker 1 in all), the cluster has 2"
+    assert gpu_shortfall(asks, 0).startswith("learner.use_gpu: asks for 2 GPU(s)")
+    assert gpu_shortfall(asks, 0).endswith("set it to 0 to run on CPUs")
+    assert gpu_shortfall({"x": 0.0}, 0) is None
+
+
+@pytest.mark.slow
+def test_gpus_the_cluster_lacks_stop_the_run_before_any_actor(local_ray, rl_assets, tmp_path):
+    """Asking a CPU cluster for GPUs is one line naming the field, at once (Ray would wait for them forever)."""
+    for i, (field, over) in enumerate([("rollout.gpus_per_worker", {"rollout.gpus_per_worker": 1}),
+                                       ("learner.use_gpu", {"learner.use_gpu": True}),
+                                       ("rewards.service.num_gpus", {"rewards.service.num_gpus": 0.5})]):
+        driver = Driver(RunConfig(**run_config(rl_assets, tmp_path, f"gpu{i}", **over)))
+        t = time.perf_counter()
+        with pytest.raises(ValueError, match=f"^{field}: asks for .* the cluster has 0"):
+            driver.run()
+        assert time.perf_counter() - t < 60 and not hasattr(driver, "pool")

@@ -90,6 +90,11 @@ def test_judge_stage_exports_a_folder_transformers_loads(stage_outputs):
     assert processor.tokenizer.convert_tokens_to_ids("yes") != processor.tokenizer.unk_token_id
 
 
+def test_a_gpu_stage_on_a_cpu_cluster_is_one_line_naming_use_gpu(local_ray, tmp_path):
+    with pytest.raises(ValueError, match="^use_gpu: 2 worker.* the cluster has 0"):
+        launch(clip_fn, RewardModelConfig(name="gpu", storage=str(tmp_path), num_workers=2, use_gpu=True))
+
+
 def test_semantic_tokenizer_stage(local_ray, tmp_path):
     cfg = TokenizerStageConfig(name="sem", storage=str(tmp_path), num_workers=1, steps=2, batch_size=4, log_every=1,
                                vq=TINY_VQ.model_copy(update={"sem_dim": 8, "teacher": "shapes-clip-tiny"}))

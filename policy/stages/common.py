@@ -175,6 +175,9 @@ def launch(train_fn: Callable[[dict], None], cfg: StageConfig) -> Path:
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if cfg.use_gpu and gpus < cfg.num_workers:
+        raise ValueError(f"use_gpu: {cfg.num_workers} worker(s) ask for one GPU each, the cluster has {gpus:g}")
     storage = str(Path(cfg.storage).resolve())
     trainer = TorchTrainer(
         train_fn,
@@ -214,5 +217,9 @@ def main(cls: type[StageConfig], train_fn: Callable[[dict], None], argv: list[st
                             "\n\n".join([about[0]] + about[2:]))
     if isinstance(cfg, int):
         return cfg
-    launch(train_fn, cfg)
+    try:
+        launch(train_fn, cfg)
+    except ValueError as e:  # found at start-up, before any worker (a GPU the cluster lacks)
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0

@@ -2,7 +2,8 @@
 
 - SIGKILL of a rollout worker while it samples, of the reward replica while it scores a batch, of the learner rank
   during a step (the run stops with one line and resumes from its last checkpoint);
-- SIGKILL of the driver process at random points (1 seed; RELIABILITY_LONG=1: 10) and `resume=true`;
+- SIGKILL of the driver process in step 3 of an off-policy run and `resume=true` (RELIABILITY_LONG=1: also at 10
+  random points of the on-policy run; the on-policy kill on S3 is in test_storage_faults.py);
 - SIGKILL of a process between the files of a checkpoint: the previous checkpoint still loads, no partial one counts;
 - a full run directory mid-run and a read-only one at start: a clear error, nothing written before is damaged.
 """
@@ -155,7 +156,9 @@ def kill_and_resume(cfg: dict, tmp_path: Path, rows: int, delay: float) -> Path:
     return Path(cfg["runs_dir"]) / cfg["name"]
 
 
-@pytest.mark.parametrize("seed", range(10) if LONG else [1])  # seed 1: killed mid-run, after step 1
+@pytest.mark.skipif(not LONG, reason="RELIABILITY_LONG=1: the default suite kills the driver in the off-policy test "
+                                      "below and in tests/reliability/test_storage_faults.py (on-policy, S3)")
+@pytest.mark.parametrize("seed", range(10))
 def test_driver_sigkilled_at_a_random_point_resumes_identically(seed, reference_run, rl_assets, tmp_path):
     run = kill_and_resume(run_config(rl_assets, tmp_path, f"driver{seed}"), tmp_path, *kill_point(seed))
     assert_same_run(reference_run, run)
