@@ -2,7 +2,8 @@
 
 Columns: step, uid, prompt, metadata (JSON), seed, sample, version, codes (flat list of all scales' codes),
 reward, reward/<component>..., advantage, image_png (PNG bytes); VMR: value (what the advantage is computed from),
-completion_rewards (the K completions' rewards of the sample's prefix; [reward] for K = 1), completion_seeds.
+completion_rewards (the K completions' rewards of the sample's prefix; [reward] for K = 1), completion_seeds; the driver
+adds staleness (the learner's weight version when it trained on the sample - version; > 0 only off-policy).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Faults on a local Ray with real processes; every run ends with its weights compared against a fault-free run.
 
-- SIGKILL of a rollout worker while it samples, of the reward replica while it scores a batch, of the learner rank
-  during a step (the run stops with one line and resumes from its last checkpoint);
+- SIGKILL of a rollout worker while it samples and of the reward replica while it scores a batch (one run), of the
+  learner rank during a step (the run stops with one line and resumes from its last checkpoint);
 - SIGKILL of the driver process in step 3 of an off-policy run and `resume=true` (RELIABILITY_LONG=1: also at 10
   random points of the on-policy run; the on-policy kill on S3 is in test_storage_faults.py);
 - SIGKILL of a process between the files of a checkpoint: the previous checkpoint still loads, no partial one counts;
@@ -61,42 +61,36 @@ def wait_for(cond, timeout: float = 300, what: str = "condition") -> None:
 
 
 # ------------------------------------------------------------------------------------------------ actors
-def test_rollout_worker_killed_while_sampling(reference_run, rl_assets, tmp_path):
-    driver = Driver(RunConfig(**run_config(rl_assets, tmp_path, "worker")))
-    killed = []
+def test_rollout_worker_and_reward_replica_killed_mid_run(reference_run, rl_assets, tmp_path):
+    """One run, two faults: a rollout worker SIGKILLed while it samples step 2 (its unit is re-run elsewhere) and
+    the reward replica SIGKILLed while it scores step 2's batch (scored again, anew). Rewards are sequential here
+    (one request per step, so call N is step N + 1's batch) while the reference run streams them per unit: also
+    the check that streaming changes no reward, advantage or weight."""
+    cfg = slow_reward_config(rl_assets, tmp_path, "faults", **{"loop.stream_rewards": False})
+    driver = Driver(RunConfig(**cfg))
+    call = tmp_path / "markers-faults" / "call-1"   # the batch of step 2, in flight
+    killed: dict[str, int] = {}
 
-    def kill_one():
+    def kill_worker():
         wait_for(lambda: hasattr(driver, "pool") and driver.pool.stats["units"] >= 4, what="sampling")
         pid = ray.get(next(iter(driver.pool.workers.values())).pid.remote())
         os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
-    t = in_thread(kill_one)
-    driver.run()
-    t.join()
-    assert killed and driver.pool.stats["workers_lost"] >= 1 and driver.pool.stats["units"] == 3 * 3
-    assert_same_run(reference_run, driver.run_dir)
-
-
-def test_reward_replica_killed_during_a_batch(reference_run, rl_assets, tmp_path):
-    """Sequential rewards (one request per step, so call N is step N + 1's batch) against the reference run,
-    which streams them per unit: also the check that streaming changes no reward, advantage or weight."""
-    cfg = slow_reward_config(rl_assets, tmp_path, "replica", **{"loop.stream_rewards": False})
-    driver = Driver(RunConfig(**cfg))
-    call = tmp_path / "markers-replica" / "call-1"   # the batch of step 2, in flight
-    killed = []
+        killed["worker"] = pid
 
     def kill_replica():
         wait_for(call.exists, what="the second reward batch")
         pid = int(call.read_text())
         os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+        killed["replica"] = pid
 
-    t = in_thread(kill_replica)
+    threads = [in_thread(kill_worker), in_thread(kill_replica)]
     driver.run()
-    t.join()
-    calls = sorted((tmp_path / "markers-replica").glob("call-*"))
-    assert killed and len(calls) == 4 and int(calls[-1].read_text()) != killed[0]  # step 2 scored again, anew
+    for t in threads:
+        t.join()
+    calls = sorted((tmp_path / "markers-faults").glob("call-*"))
+    assert set(killed) == {"worker", "replica"}
+    assert driver.pool.stats["workers_lost"] >= 1 and driver.pool.stats["units"] == 3 * 3
+    assert len(calls) == 4 and int(calls[-1].read_text()) != killed["replica"]  # step 2 scored again, anew
     assert_same_run(reference_run, driver.run_dir)
 
 
