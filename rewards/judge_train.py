@@ -5,10 +5,11 @@
 A Ray Train job like the other stages (`policy/stages/common.py`). Each example is a rendered scene of a training
 prompt and a question `question_template.format(prompt=...)` about it: half the time its own caption (answer
 "yes"), half the time the caption of `conflicting_spec` (one attribute changed: shape, colour, count or relation;
-answer "no"). The loss is the cross-entropy of the answer token after the question over the whole vocabulary, so
-a served judge's top log-probabilities hold "yes" and "no". The first `caption_steps` train the caption loss alone:
-a judge that can already describe a scene learns the yes/no answer in ~100 steps, one that cannot stays at
-chance for 1,000s. At every checkpoint it measures the yes/no accuracy on held-out prompts (never trained on), half true and half conflicting, with a fixed seed.
+answer "no"). The loss is the cross-entropy of the answer token after the question over the whole vocabulary
+(so a served judge's top log-probabilities hold "yes" and "no") plus the caption's language-modelling loss on the
+true examples. The first `caption_steps` train the caption loss alone: a judge that can already describe a scene
+learns the yes/no answer in ~100 steps, one that cannot stays at chance for 1,000s. At every checkpoint rank 0
+measures the yes/no accuracy on held-out prompts (never trained on), half true and half conflicting, fixed seed.
 
 The artefact is a HF folder (`Blip2ForConditionalGeneration` + processor + word-level tokenizer) that
 `vllm.LLM` loads as the `vlm_judge` reward's `model`.
@@ -136,7 +137,8 @@ def train_fn(config: dict) -> None:
             metrics["heldout_acc"] = heldout_accuracy(model, processor, cfg.question_template, cfg.heldout_examples)
         return loss, metrics
 
-    train_steps(cfg, {"judge": model}, opt, step_fn, export=lambda d: save_judge(model, processor, d, cfg.question_template))
+    train_steps(cfg, {"judge": model}, opt, step_fn,
+                export=lambda d: save_judge(model, processor, d, cfg.question_template))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, model_serializer, model_
 from core.config import Sections, absolute_path, redact_secrets
 from core.settings import SampleConfig
 from rewards.config import RewardsConfig
-from rl.strategy import LearnerConfig
+from rl.strategy import LearnerConfig, learner_precision
 
 
 PATH_KWARGS = ("model", "pretrained", "path", "checkpoint")  # reward kwargs that may name files
@@ -56,6 +56,8 @@ class RolloutConfig(_Strict):
     cpus_per_worker: float = describe(1.0, "Ray CPUs per rollout worker", gt=0)
     gpus_per_worker: float = describe(0.0, "Ray GPUs per rollout worker", ge=0)
     threads_per_worker: int = describe(1, "torch threads inside a worker", ge=1)
+    precision: Literal["fp32", "bf16"] | None = describe(None, "the workers' compute precision; null: the "
+                                                               "learner's (learner.precision)")
     sample: SampleConfig = describe(SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95),
                                     "how the rollouts sample")
 
@@ -128,6 +130,8 @@ class RunConfig(_Strict):
     logging: LoggingSettings = describe(LoggingSettings(), "metrics, sample grids and terminal output")
     eval: EvalSettings = describe(EvalSettings(), "held-out evaluation")
     loop: LoopSettings = describe(LoopSettings(), "how the steps' stages overlap")
+    allow_precision_mismatch: bool = describe(False, "run even when rollout.precision differs from the learner's "
+                                                     "(the old and new log-probs then differ beyond the clip range)")
 
     @model_validator(mode="after")
     def _check_against_policy(self, info: ValidationInfo):
@@ -138,6 +142,7 @@ class RunConfig(_Strict):
         for entry in self.rewards.rewards:  # file arguments of rewards are read inside Serve replicas
             entry.kwargs = {k: absolute_path(v) if isinstance(v, str) and k in PATH_KWARGS else v
                             for k, v in entry.kwargs.items()}
+        self._check_precision()
         rows = self.prompts_per_step * self.group_size
         if rows % self.learner.num_ranks:
             raise ValueError(f"learner.num_ranks: {self.learner.num_ranks} does not divide the batch of "
@@ -157,6 +162,16 @@ class RunConfig(_Strict):
 
             load_prompts(self.prompts)
         return self
+
+    def _check_precision(self) -> None:
+        """The old log-probs (rollouts) and the new ones (learner) must come from the same precision policy."""
+        learner = learner_precision(self.learner)
+        if self.rollout.precision is None:
+            self.rollout.precision = learner
+        elif self.rollout.precision != learner and not self.allow_precision_mismatch:
+            raise ValueError(f"rollout.precision: {self.rollout.precision}, but the learner computes in {learner} "
+                             "(learner.precision): the first-pass ratio would deviate from 1 by up to the clip "
+                             "range; use one precision, or set allow_precision_mismatch=true")
 
     def _check_storage(self) -> None:
         """A local storage path is the runs_dir; without storage a Ray job must not write into its working copy."""

@@ -183,7 +183,7 @@ class Driver:
         r = cfg.rollout
         lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
         factory = lambda: RolloutWorker.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(  # noqa: E731
-            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k)
+            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision)
         self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
         if state.version > 0:

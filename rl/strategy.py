@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.settings import LoraSettings
@@ -17,6 +19,8 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray Train workers)")
     use_gpu: bool = Field(False, description="one GPU per rank")
+    precision: Literal["fp32", "bf16"] | None = Field(None, description="the learner's compute precision (DeepSpeed "
+                                                                       "bf16); null: bf16 on GPUs, fp32 on CPUs")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs per rank")
     batch_size: int | None = Field(None, ge=1, description="rows per step over all ranks (prompts x G); null: the "
                                                            "run sets it")
@@ -80,12 +84,17 @@ def micro_loss_scale(rows: int, shard_rows: int, gas: int) -> float:
     return rows * gas / shard_rows
 
 
+def learner_precision(cfg: LearnerConfig) -> str:
+    """The learner's precision: as set, else bf16 on GPUs and fp32 on CPUs."""
+    return cfg.precision or ("bf16" if cfg.use_gpu else "fp32")
+
+
 def deepspeed_config(cfg: LearnerConfig, need_batch: bool = True) -> dict:
     """Our defaults with `cfg.deepspeed` merged over them; the batch arithmetic must add up."""
     defaults = {
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": cfg.use_gpu},
+        "bf16": {"enabled": learner_precision(cfg) == "bf16"},
         "zero_allow_untested_optimizer": True,   # our optimiser is torch's AdamW
         "zero_force_ds_cpu_optimizer": False,    # ... also with optimizer offload (no DeepSpeedCPUAdam to compile)
         "steps_per_print": 1 << 30,

@@ -1,7 +1,8 @@
 """The rollout worker: a Ray actor holding the full policy; it samples work units with all S scales and CFG.
 
 Thin by design: weights in, `policy.sampler.sample` out. A worker refuses to sample with a weight version older
-than the one the driver asks for.
+than the one the driver asks for. It computes on the GPU Ray gave it (else the CPU) in its configured precision
+(`rollout.precision`, the learner's by default); what it returns is CPU numpy.
 """
 from __future__ import annotations
 
@@ -16,20 +17,31 @@ from policy.sampler import SampleConfig, sample
 from rollout.units import UnitResult, WorkUnit, completion_seeds, sample_seeds
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class StaleWeightsError(RuntimeError):
     pass
 
 
+def actor_device() -> torch.device:
+    """CUDA when Ray gave this actor a GPU (and torch sees one), else the CPU."""
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return torch.device("cuda") if gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
 class RolloutWorkerImpl:
     def __init__(self, policy_path: str, sample_cfg: dict, m: int, lora: dict | None = None, threads: int = 1,
-                 completions: int = 1):
+                 completions: int = 1, precision: str = "fp32"):
         torch.set_num_threads(threads)
         self.policy = Policy.load(policy_path)
         if lora:
             from policy.weights import LoraSettings, apply_lora
 
             self.policy.model = apply_lora(self.policy.model, LoraSettings(**lora))
-        self.policy.model.eval()
+        self.device = actor_device()
+        self.policy.model.to(self.device, DTYPES[precision]).eval()   # the VQ stays fp32 (decoding)
+        self.policy.vq.to(self.device)
         self.sample_cfg = SampleConfig(**sample_cfg)
         self.m = m
         self.completions = completions  # K: completions per prefix (VMR); 1 = the rollout only
@@ -54,8 +66,8 @@ class RolloutWorkerImpl:
             raise StaleWeightsError(f"worker {self.name} holds weights v{self.version}, unit {unit.uid} needs v{min_version}")
         out = sample(self.policy.model, self.policy.vq, [list(unit.text_ids)] * unit.group_size,
                      sample_seeds(unit.seed, unit.group_size), self.sample_cfg, m=self.m)
-        return UnitResult(unit.uid, [c.numpy() for c in out.codes], to_uint8(out.images),
-                          out.logprobs.float().numpy(), self.version, self.name, self._complete(unit, out.codes))
+        return UnitResult(unit.uid, [c.cpu().numpy() for c in out.codes], to_uint8(out.images),
+                          out.logprobs.float().cpu().numpy(), self.version, self.name, self._complete(unit, out.codes))
 
     def _complete(self, unit: WorkUnit, codes: list[torch.Tensor]):
         """Completions 2..K of each sample's prefix (scales 1..m): (G, K - 1, P, P, 3) uint8, or None for K = 1."""

@@ -288,3 +288,53 @@ def test_lora_learner_sends_adapters_only(local_ray, world, tmp_path):
     with torch.no_grad():
         merged = score_prefix(plain.model, plain.vq, batch.text_ids, batch.codes, M)
     assert (merged.logprobs - learner.logprobs).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, bound", [("bf16", 1e-2), ("fp32", 1e-5)])
+def test_one_precision_on_both_sides_keeps_the_first_pass_ratio_near_1(local_ray, world, precision, bound):
+    """A rollout worker and a learner in the same precision (bf16 runs on the CPU too): the learner's first-pass
+    ratio exp(new - old) stays within `bound` of 1, and the metric that watches it is in every step's metrics."""
+    from rollout.units import WorkUnit
+    from rollout.worker import RolloutWorkerImpl
+
+    policy, path, _ = world
+    worker = RolloutWorkerImpl(str(path), {"cfg_scale": 3.0}, M, precision=precision)
+    assert next(worker.policy.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    units = [WorkUnit(f"1/{i}", 1, i, c, tuple(ids), 100 + i, G)
+             for i, (c, ids) in enumerate(zip(CAPTIONS, policy.encode_prompts(CAPTIONS)))]
+    results = [worker.sample_unit(u, 0) for u in units]
+    batch = TrainBatch([list(u.text_ids) for u in units for _ in range(G)],
+                       [torch.cat([torch.from_numpy(r.codes[s]) for r in results]) for s in range(M)],
+                       torch.cat([torch.from_numpy(r.logprobs) for r in results]),
+                       group_advantages(torch.tensor([[1.0, 0.0], [0.2, 0.9]])).flatten())
+    group = LearnerGroup(path, M, 0.8, GRPOLossConfig(),
+                         LearnerConfig(batch_size=4, micro_batch_size=4, lr=1e-3, precision=precision))
+    try:
+        metrics = group.step(batch)
+    finally:
+        group.shutdown()
+    print(f"{precision}: first-pass ratio max |dev| {metrics['ratio_first_pass_max_abs_dev']:.2e}")
+    assert metrics["ratio_first_pass_max_abs_dev"] <= bound
+
+
+def test_rollout_and_learner_precisions_must_agree(tmp_path):
+    from rl.config import RunConfig
+    from tests.conftest import run_config
+
+    def validate(**over):
+        cfg = run_config(tmp_path, tmp_path, "p")
+        cfg["learner"] |= over.pop("learner", {})
+        cfg["rollout"] |= over.pop("rollout", {})
+        try:
+            return RunConfig.model_validate(cfg | over, context={"check_paths": False})
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e)) from None
+
+    assert validate().rollout.precision == "fp32"                                    # null: the learner's
+    assert validate(learner={"precision": "bf16"}).rollout.precision == "bf16"
+    with pytest.raises(ValueError, match=r"^rollout.precision: fp32, but the learner computes in bf16"):
+        validate(learner={"precision": "bf16"}, rollout={"precision": "fp32"})
+    mixed = validate(learner={"precision": "bf16"}, rollout={"precision": "fp32"}, allow_precision_mismatch=True)
+    assert mixed.rollout.precision == "fp32"
+    assert deepspeed_config(mixed.learner.model_copy(update={"batch_size": 4}))["bf16"] == {"enabled": True}

@@ -224,9 +224,8 @@ def unit_and_result(i: int, g: int = 3, fault: str | None = None):
 
     b = make_batch(g, seed=100 + i)
     meta = {**b.metadata[0], **({"fault": fault} if fault else {})}
-    images = np.stack([b.images[0]] + list(b.images[1:]))
     unit = WorkUnit(f"1/{i}", 1, i, b.prompts[0], (1, 2), 0, g, meta)
-    return unit, UnitResult(unit.uid, [], images, np.zeros((g, 1), np.float32), 0, "w")
+    return unit, UnitResult(unit.uid, [], b.images, np.zeros((g, 1), np.float32), 0, "w")
 
 
 @pytest.mark.slow
@@ -243,7 +242,8 @@ def test_streamed_rewards_come_back_in_unit_order_equal_to_one_request(client):
         stream.submit(unit, result)
     streamed = stream.gather(units, 15)
     images = np.concatenate([r.images for _, r in pairs])
-    whole = client.score(images, [u.prompt for u in units for _ in range(3)], [u.metadata for u in units for _ in range(3)])
+    whole = client.score(images, [u.prompt for u in units for _ in range(3)],
+                         [u.metadata for u in units for _ in range(3)])
     for key in ("verifier", "redness", "prompt_length"):
         assert streamed.components[key].tolist() == whole.components[key].tolist(), key
     np.testing.assert_allclose(streamed.total, whole.total, rtol=1e-6)
