@@ -21,7 +21,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from common import ROOT, md_table, start_ray, stats, write_result
+from common import ROOT, fmt, md_table, start_ray, stats, write_result
 
 from core.config import load_config
 from rewards.builtin import VerifierReward
@@ -101,9 +101,15 @@ def table(records: list[dict]) -> str:
             ratio = rate[mode]["median"] / rate["sequential"]["median"]
             goal = GOALS.get(mode) if config == "b" else None
             cell = "-" if goal is None else (f"met (>= {goal})" if ratio >= goal else f"MISSED (>= {goal})")
-            rows.append([{"a": "(a) demo", "b": "(b) 200 ms judge"}[config], mode, f"{rate[mode]['median']:.2f}",
+            rows.append([{"a": "(a) demo", "b": "(b) 200 ms judge"}[config], mode, fmt(rate[mode], 3),
                          f"{ratio:.2f}", cell, f"{r['heldout']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"])
-    return md_table(["config", "mode", "steps / min", "vs sequential", "goal", "held-out strict after"], rows)
+    return md_table(["config", "mode", "steps / min, median (min-max)", "vs sequential", "goal",
+                     "held-out strict after"], rows)
+
+
+def markdown(records: list[dict], steps: int, warmup: int, rounds: int) -> str:
+    return table(records) + (f"\n{steps} timed steps after {warmup} warm-up steps per mode, {rounds} round(s); "
+                             "held-out: 480 images, the same (prompt, seed) pairs for every mode.\n")
 
 
 def main() -> None:
@@ -123,11 +129,9 @@ def main() -> None:
                     rec = run_mode(config, extra + over, args.steps, args.warmup, runs, name) | {"mode": mode}
                     print(json.dumps(rec), flush=True)
                     records.append(rec)
-    md = table(records)
-    md += (f"\n{args.steps} timed steps after {args.warmup} warm-up steps per mode, {args.rounds} round(s); held-out: "
-           "480 images, the same (prompt, seed) pairs for every mode.\n")
     write_result("loop_overlap", {"records": records, "latency_s": LATENCY_S, "steps": args.steps,
-                                  "warmup": args.warmup}, md)
+                                  "warmup": args.warmup, "rounds": args.rounds},
+                 markdown(records, args.steps, args.warmup, args.rounds))
 
 
 if __name__ == "__main__":
