@@ -7,8 +7,8 @@ prompt and a question `question_template.format(prompt=...)` about it: half the 
 "yes"), half the time the caption of `conflicting_spec` (one attribute changed: shape, colour, count or relation;
 answer "no"). The loss is the cross-entropy of the answer token after the question over the whole vocabulary
 (so a served judge's top log-probabilities hold "yes" and "no") plus the caption's language-modelling loss on the
-true examples. The first `caption_steps` train the caption loss alone: a judge that can already describe a scene
-learns the yes/no answer in ~100 steps, one that cannot stays at chance for 1,000s. At every checkpoint rank 0
+true examples. The first `caption_steps` train the caption loss alone: in trials, a judge that could already
+describe a scene learned the yes/no answer within 50 steps; one that could not stayed at chance (README). At every checkpoint rank 0
 measures the yes/no accuracy on held-out prompts (never trained on), half true and half conflicting, fixed seed.
 
 The artefact is a HF folder (`Blip2ForConditionalGeneration` + processor + word-level tokenizer) that
@@ -37,7 +37,7 @@ class JudgeStageConfig(StageConfig):
     vision_hidden: int = Field(64, description="vision tower and Q-Former width (a multiple of 32)")
     vision_layers: int = Field(2, description="vision tower layers")
     caption_steps: int = Field(500, ge=0, description="first steps: the caption loss alone (without it first, the "
-                                                       "yes/no answer stays at chance for 1,000s of steps)")
+                                                       "yes/no answer stayed at chance in trials)")
     caption_weight: float = Field(1.0, description="weight of the caption language-modelling loss on true examples")
     heldout_examples: int = Field(400, description="held-out yes/no questions scored at every checkpoint")
 

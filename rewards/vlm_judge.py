@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
+from core.resources import gpu_shortfall
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PYTHON = REPO / ".venv-judge" / "bin" / "python"
 DEFAULT_CACHE = REPO / ".judge-cache"
@@ -188,7 +190,7 @@ class VlmJudge:
             raise ValueError(f"top_logprobs: must be in 1..100, got {top_logprobs}")
         self.top_logprobs, self.neutral = top_logprobs, neutral_score
         self.yes, self.no = tuple(w.lower() for w in yes), tuple(w.lower() for w in no)
-        self.timeout_s, self.retries, self.replicas_lost = timeout_s, retries, 0
+        self.timeout_s, self.retries, self.retried = timeout_s, retries, 0
         if base_url is not None:
             self.base_url, self.api_key = base_url.rstrip("/"), api_key
             self.served_model = served_model
@@ -211,9 +213,9 @@ class VlmJudge:
             raise ValueError(f"python: {str(py)!r} is not an executable Python (build the judge venv: make judge-env)")
         if not ray.is_initialized():
             ray.init()
-        if num_gpus > 0 and gpus_available() < num_gpus:
-            raise ValueError(f"num_gpus: {num_gpus:g} GPU(s) per replica asked for, the cluster has "
-                             f"{gpus_available():g}")
+        problem = gpu_shortfall({"num_gpus": num_gpus * replicas}, gpus_available())
+        if problem:
+            raise ValueError(problem)
         try:                                          # another caller already runs this judge: share it
             handle = serve.get_app_handle(app_name)
             return handle.options(method_name="judge")
@@ -249,7 +251,7 @@ class VlmJudge:
                 except RayActorError:  # ActorDiedError / ActorUnavailableError: the replica was lost
                     if attempt == self.retries:
                         raise
-                    self.replicas_lost += 1
+                    self.retried += 1   # requests asked again after their replica was lost
                     response = self.handle.remote(png, text)
         return answers
 

@@ -21,6 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from core.atomic import atomic_write_text
+from core.resources import gpu_shortfall
 from rewards.client import RewardServiceError
 from rl.checkpoint import check_learner_checkpoint, latest_checkpoint, load_state, save_checkpoint
 from rl.config import RunConfig
@@ -28,7 +29,6 @@ from rl.control import NAMESPACE, start_control
 from rl.learner import LearnerDied
 from rl.prompts import load_prompts
 from rl.runstore import RunStore, credential_env, trim_eval_curve
-from rl.strategy import gpu_shortfall
 from rl.step import StreamedRewards, assemble_step, check_staleness, make_units, step_metrics, step_table
 from rl.tracking import Tracker
 from rollout.pool import RolloutPool

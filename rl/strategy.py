@@ -114,18 +114,3 @@ def deepspeed_config(cfg: LearnerConfig, need_batch: bool = True) -> dict:
         raise ValueError("batch_size: not set (rows per step = prompts x group size; LearnerGroup(batch_size=...))")
     return ds
 
-
-def gpu_shortfall(asks: dict[str, float], available: float) -> str | None:
-    """The one-line error for GPU requests {config field: GPUs it asks for in all} that the cluster cannot hold
-    (`available` GPUs), naming the first field that does not fit; None when they all fit. Checked before any actor
-    starts: Ray would otherwise wait for the resources forever."""
-    used = 0.0
-    for name, n in asks.items():
-        if n <= 0:
-            continue
-        used += n
-        if used > available + 1e-9:
-            total = ", ".join(f"{k} {v:g}" for k, v in asks.items() if v > 0)
-            return (f"{name}: asks for {n:g} GPU(s) ({total} in all), the cluster has {available:g}"
-                    + ("" if available else "; set it to 0 to run on CPUs"))
-    return None

@@ -102,14 +102,14 @@ def test_config_validation_catches_cross_field_errors(rl_assets, tmp_path):
 
 
 def test_gpu_shortfall_names_the_first_field_that_does_not_fit():
-    from rl.strategy import gpu_shortfall
+    from core.resources import gpu_shortfall
 
     asks = {"learner.use_gpu": 2.0, "rollout.gpus_per_worker": 1.0, "rewards.service.num_gpus": 0.0}
     assert gpu_shortfall(asks, 3) is None
     assert gpu_shortfall(asks, 2) == "rollout.gpus_per_worker: asks for 1 GPU(s) (learner.use_gpu 2, " \
                                      "rollout.gpus_per_worker 1 in all), the cluster has 2"
     assert gpu_shortfall(asks, 0).startswith("learner.use_gpu: asks for 2 GPU(s)")
-    assert gpu_shortfall(asks, 0).endswith("set it to 0 to run on CPUs")
+    assert gpu_shortfall(asks, 0).endswith("set it to 0 (false) to run on CPUs")
     assert gpu_shortfall({"x": 0.0}, 0) is None
 
 

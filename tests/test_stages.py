@@ -91,7 +91,7 @@ def test_judge_stage_exports_a_folder_transformers_loads(stage_outputs):
 
 
 def test_a_gpu_stage_on_a_cpu_cluster_is_one_line_naming_use_gpu(local_ray, tmp_path):
-    with pytest.raises(ValueError, match="^use_gpu: 2 worker.* the cluster has 0"):
+    with pytest.raises(ValueError, match=r"^use_gpu: asks for 2 GPU\(s\) .* the cluster has 0"):
         launch(clip_fn, RewardModelConfig(name="gpu", storage=str(tmp_path), num_workers=2, use_gpu=True))
 
 

@@ -77,16 +77,19 @@ def test_judge_examples_alternate_true_and_conflicting_captions():
     from policy.stages.common import sample_specs
     from rewards.judge_train import judge_examples
     from shapes.verifier import score
+    from shapes.world import caption, split_prompts
 
     rng = random.Random(0)
     specs = sample_specs(rng, 12)
     images, questions, labels = judge_examples(rng, specs, "q {prompt} ?")
     assert labels == [1, 0] * 6 and images.shape == (12, 64, 64, 3)
-    from shapes.world import caption
-
     assert all(q == f"q {caption(s)} ?" for q, s, y in zip(questions, specs, labels) if y)
     assert all(q != f"q {caption(s)} ?" for q, s, y in zip(questions, specs, labels) if not y)
     assert all(score(im, s)["all"] for im, s in zip(images, specs))  # the scene shows its own spec
+    # training: the conflicting captions are training prompts too (no "unfamiliar caption = no" shortcut)
+    train = set(split_prompts().train)
+    _, questions, labels = judge_examples(rng, sample_specs(rng, 200), "{prompt}", train)
+    assert {q for q, y in zip(questions, labels) if not y} <= {caption(s) for s in train}
 
 
 def test_answer_logits_read_the_token_after_each_question_whatever_the_padding():
@@ -205,7 +208,7 @@ def test_judge_inside_the_combined_reward_service(judge, judge_dir):
 @pytest.mark.slow
 @needs_judge_env
 def test_judge_cannot_start_names_the_field(judge, judge_dir):
-    with pytest.raises(ValueError, match="^num_gpus: 1 GPU"):
+    with pytest.raises(ValueError, match=r"^num_gpus: asks for 1 GPU\(s\) .* the cluster has 0"):
         VlmJudge(model=str(judge_dir), num_gpus=1, app_name="vlm_judge_gpu")
 
 
@@ -286,7 +289,7 @@ def test_a_judge_replica_killed_mid_batch_is_retried_never_a_silent_zero(judge):
     images, prompts, meta = shapes_batch(400, seed=5)   # ~50 serve batches of 8: a few seconds in the replica
     want = judge(images, prompts, meta)["score"]
     pid = serve.get_app_handle(APP).stats.remote().result(timeout_s=60)["pid"]
-    lost = judge.replicas_lost
+    retried = judge.retried
     out = {}
     t = threading.Thread(target=lambda: out.update(judge(images, prompts, meta)))
     t.start()
@@ -296,7 +299,7 @@ def test_a_judge_replica_killed_mid_batch_is_retried_never_a_silent_zero(judge):
     assert "score" in out, "the judge call did not come back"
     np.testing.assert_allclose(out["score"], want, atol=1e-6)   # the lost requests were asked again: same scores
     new_pid = serve.get_app_handle(APP).stats.remote().result(timeout_s=60)["pid"]
-    assert new_pid != pid and judge.replicas_lost > lost
+    assert new_pid != pid and judge.retried > retried
 
 
 @pytest.mark.slow

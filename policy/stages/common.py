@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.atomic import atomic_dir
 from core.config import absolute_path
+from core.resources import gpu_shortfall
 from shapes.world import CATEGORIES, Spec, all_specs, caption, render, split_prompts
 
 STATE_FILE = "train_state.pt"
@@ -175,9 +176,10 @@ def launch(train_fn: Callable[[dict], None], cfg: StageConfig) -> Path:
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else starts a local one
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    if cfg.use_gpu and gpus < cfg.num_workers:
-        raise ValueError(f"use_gpu: {cfg.num_workers} worker(s) ask for one GPU each, the cluster has {gpus:g}")
+    problem = gpu_shortfall({"use_gpu": cfg.num_workers if cfg.use_gpu else 0},
+                            float(ray.cluster_resources().get("GPU", 0.0)))
+    if problem:
+        raise ValueError(problem)
     storage = str(Path(cfg.storage).resolve())
     trainer = TorchTrainer(
         train_fn,
