@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from policy.optim import configure_optimizers
-from policy.stages.common import StageConfig, main, sample_specs, step_rng, train_steps, world
+from policy.stages.common import StageConfig, device_of, main, sample_specs, step_rng, train_steps, world
 from rewards.judge_model import (DEFAULT_TEMPLATE, QUERY_TOKENS, build_config, build_processor, init_judge,
                                  save_judge)
 from shapes.world import Spec, caption, conflicting_spec, render, split_prompts
@@ -64,12 +64,12 @@ def judge_examples(rng: random.Random, specs: list[Spec], template: str, allowed
 def judge_forward(model, processor, images: np.ndarray, questions: list[str]):
     """(logits (B, L, V), input_ids (B, L), mask (B, L), last (B,)): `last` indexes each question's final token,
     whose logits predict the answer, as vLLM computes a one-token answer."""
-    batch = processor(images=list(images), text=questions, return_tensors="pt", padding=True)
+    batch = processor(images=list(images), text=questions, return_tensors="pt", padding=True).to(device_of(model))
     logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).logits
     mask = batch["attention_mask"]
     last = mask.sum(1) - 1 if processor.tokenizer.padding_side == "right" else \
-        torch.full((len(questions),), mask.shape[1] - 1)
+        torch.full((len(questions),), mask.shape[1] - 1, device=mask.device)
     return logits, batch["input_ids"], mask, last
 
 
@@ -104,7 +104,7 @@ def heldout_accuracy(model, processor, template: str, n: int, seed: int = 1234, 
         images, questions, labels = judge_examples(rng, sample_specs(rng, min(batch, n - start), split="heldout"),
                                                    template)
         pick = answer_logits(model, processor, images, questions)[:, ids].argmax(1)
-        hits += int((pick == torch.tensor(labels)).sum())
+        hits += int((pick.cpu() == torch.tensor(labels)).sum())
     model.train(was_training)
     return hits / n
 
@@ -116,7 +116,6 @@ def train_fn(config: dict) -> None:
     model = init_judge(build_config(len(processor.tokenizer), cfg.text_hidden, cfg.text_layers, cfg.vision_hidden,
                                     cfg.vision_layers), cfg.seed).train()
     opt = configure_optimizers(model, cfg.lr, weight_decay=cfg.weight_decay)
-    ids = yes_no_ids(processor)
     train = set(split_prompts().train)
 
     def step_fn(step: int):
@@ -124,9 +123,9 @@ def train_fn(config: dict) -> None:
         captions_only = step < cfg.caption_steps
         images, questions, labels = judge_examples(rng, sample_specs(rng, cfg.batch_size), cfg.question_template,
                                                    train, negatives=not captions_only)
-        labels = torch.tensor(labels)
         full, input_ids, mask, last = judge_forward(model, processor, images, questions)
-        logits = full[torch.arange(len(labels)), last]
+        labels, ids = torch.tensor(labels, device=full.device), yes_no_ids(processor).to(full.device)
+        logits = full[torch.arange(len(labels), device=full.device), last]
         answer = torch.nn.functional.cross_entropy(logits, ids[labels])
         lm = caption_loss(full, input_ids, mask, labels.bool())
         loss = lm if captions_only else answer + cfg.caption_weight * lm

@@ -8,7 +8,7 @@ import torch
 from policy.io import Policy
 from policy.sampler import sample
 from policy.stages.common import launch, lr_at, sample_specs, step_rng
-from policy.stages.pretrain import Phase, PretrainConfig, phase_at
+from policy.stages.pretrain import Phase, PretrainConfig, build, make_optimizer, make_step_fn, phase_at
 from policy.stages.pretrain import train_fn as pretrain_fn
 from policy.stages.reward_model import RewardModelConfig
 from policy.stages.reward_model import train_fn as clip_fn
@@ -21,7 +21,8 @@ from rewards.judge_train import train_fn as judge_fn
 from tests.conftest import SCHED
 
 pytestmark = pytest.mark.slow
-TINY_VQ = VQConfig(schedule=SCHED, channels=[8, 8, 8], code_dim=8, num_codes=32)
+TINY_VQ = VQConfig(schedule=SCHED, channels=[8, 8, 8], code_dim=8, num_codes=32, sem_dim=8,
+                   teacher="shapes-clip-tiny")  # with the semantic branch: its teacher rides along in DDP
 TINY_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1)
 
@@ -32,16 +33,20 @@ def stage_outputs(local_ray, tmp_path_factory):
     common = dict(storage=str(root), log_every=1)
     tok = launch(tokenizer_fn, TokenizerStageConfig(name="tok", num_workers=2, steps=3, batch_size=4,
                                                      checkpoint_every=3, vq=TINY_VQ, **common))
-    pre = launch(pretrain_fn, PretrainConfig(
-        name="pre", num_workers=2, batch_size=4, vq_path=str(tok), backbone=TINY_BACKBONE, checkpoint_every=2,
-        phases=[Phase(steps=2, scales=3, freeze_backbone=True), Phase(steps=2, alpha=0.9)], **common))
+    pre = launch(pretrain_fn, pretrain_config(str(tok), storage=str(root)))
     sft = launch(pretrain_fn, SFTConfig(name="sft", num_workers=1, batch_size=4, policy_path=str(pre),
                                         phases=[Phase(steps=2, alpha=0.9)], **common))
     clip = launch(clip_fn, RewardModelConfig(name="clip", num_workers=2, steps=2, batch_size=8, checkpoint_every=2,
                                              **common))
     judge = launch(judge_fn, JudgeStageConfig(name="judge", num_workers=2, steps=2, batch_size=4, checkpoint_every=2,
                                               heldout_examples=8, **common))
-    return {"tok": tok, "pre": pre, "sft": sft, "clip": clip, "judge": judge}
+    return {"tok": tok, "pre": pre, "sft": sft, "clip": clip, "judge": judge, "root": root}
+
+
+def pretrain_config(vq_path: str, **over) -> PretrainConfig:  # 2 workers, a frozen-backbone phase, then the full schedule
+    return PretrainConfig(name="pre", num_workers=2, batch_size=4, vq_path=vq_path, backbone=TINY_BACKBONE,
+                          checkpoint_every=1, keep_checkpoints=4, log_every=1, weight_decay=0.05,
+                          phases=[Phase(steps=2, scales=3, freeze_backbone=True), Phase(steps=2, alpha=0.9)], **over)
 
 
 def _metrics(path):
@@ -52,6 +57,7 @@ def test_tokenizer_stage(stage_outputs):
     out = stage_outputs["tok"]
     m = _metrics(out)
     assert m["step"] == 3 and "psnr" in m and all(f"usage/scale{s}" in m for s in range(1, 7))
+    assert "semantic" in m and "sem_commit" in m
     vq = MultiScaleVQ.from_pretrained(out)
     assert vq.cfg == TINY_VQ
 
@@ -64,6 +70,42 @@ def test_pretrain_and_sft_stages(stage_outputs):
         out = sample(policy.model, policy.vq, policy.encode_prompts(["a red circle"]), [0])
         assert out.images.shape == (1, 3, 64, 64)
     assert _metrics(stage_outputs["sft"])["step"] == 2
+
+
+def hand_averaged_losses(cfg: PretrainConfig, ranks: int = 2) -> list[float]:
+    """Rank 0's loss per step of the pre-DDP path, in one process: each rank's batch and seed as the workers draw
+    them, gradients averaged by hand (a parameter no rank touched gets a zero gradient, as the old all-reduce gave)."""
+    torch.manual_seed(cfg.seed)
+    policy = build(cfg)
+    opt, fns, losses = make_optimizer(cfg, policy.model), [make_step_fn(cfg, policy, r) for r in range(ranks)], []
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        for rank, fn in enumerate(fns):
+            torch.manual_seed(hash((cfg.seed, step, rank)) % 2**31)
+            loss, _ = fn(step)
+            (loss / ranks).backward()
+            losses += [loss.item()] if rank == 0 else []
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return losses
+
+
+def test_pretrain_on_ray_train_ddp_matches_hand_averaged_gradients(stage_outputs):
+    """2 workers under Ray Train's DDP (prepare_model, gloo) follow the loss curve of the hand-averaged path,
+    through a frozen-backbone phase and the switch to the full schedule."""
+    runs = sorted((stage_outputs["root"] / "pre").glob("checkpoint_*/metrics.json"))
+    ddp = [m["loss"] for m in sorted((json.loads(p.read_text()) for p in runs), key=lambda m: m["step"])]
+    reference = hand_averaged_losses(pretrain_config(str(stage_outputs["tok"])))
+    print("ddp", ddp, "hand-averaged", reference)
+    assert len(ddp) == 4 and ddp == pytest.approx(reference, abs=1e-4)
+    assert ddp[0] != pytest.approx(ddp[3], abs=1e-3)  # it trained
+    alone = hand_averaged_losses(pretrain_config(str(stage_outputs["tok"])), ranks=1)  # rank 0 without averaging
+    assert alone[1:] != pytest.approx(ddp[1:], abs=1e-4)  # so the comparison can tell averaged from not
 
 
 def test_reward_model_stage_loads_in_open_clip(stage_outputs):
@@ -93,13 +135,6 @@ def test_judge_stage_exports_a_folder_transformers_loads(stage_outputs):
 def test_a_gpu_stage_on_a_cpu_cluster_is_one_line_naming_use_gpu(local_ray, tmp_path):
     with pytest.raises(ValueError, match=r"^use_gpu: asks for 2 GPU\(s\) .* the cluster has 0"):
         launch(clip_fn, RewardModelConfig(name="gpu", storage=str(tmp_path), num_workers=2, use_gpu=True))
-
-
-def test_semantic_tokenizer_stage(local_ray, tmp_path):
-    cfg = TokenizerStageConfig(name="sem", storage=str(tmp_path), num_workers=1, steps=2, batch_size=4, log_every=1,
-                               vq=TINY_VQ.model_copy(update={"sem_dim": 8, "teacher": "shapes-clip-tiny"}))
-    m = _metrics(launch(tokenizer_fn, cfg))
-    assert "semantic" in m and "sem_commit" in m
 
 
 def test_stage_helpers():

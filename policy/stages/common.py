@@ -1,4 +1,4 @@
-"""What every stage shares: its config, the Ray Train launch, checkpoint save/restore, gradient averaging.
+"""What every stage shares: its config, the Ray Train launch, checkpoint save/restore, DDP (Ray Train's).
 
 A stage is a Ray Train `TorchTrainer`. Data is procedural and a pure function of (seed, step, rank), so the
 "data position" saved in a checkpoint is just the step. A rerun with the same run name and storage resumes from
@@ -94,16 +94,34 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def average_gradients(params) -> None:
-    """All-reduce-mean the gradients of `params` across the data-parallel group (no-op on one worker)."""
-    _, size = world()
-    if size == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= size
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are: a stage's step puts its batch there (the worker's GPU under use_gpu)."""
+    return next(module.parameters()).device
+
+
+class StageStep(torch.nn.Module):
+    """A stage's modules as one module whose forward is one step's (loss, metrics): what Ray Train wraps in DDP.
+
+    `trained` are the optimised modules; `frozen` ride along only to be put on the same device (a VQ, a teacher).
+    Going through this forward is what lets DDP all-reduce the gradients of whatever the step touched.
+    """
+
+    def __init__(self, trained: dict[str, torch.nn.Module], frozen: dict[str, torch.nn.Module],
+                 step_fn: Callable[[int], tuple[torch.Tensor, dict]]):
+        super().__init__()
+        self.trained, self.frozen, self.step_fn = torch.nn.ModuleDict(trained), torch.nn.ModuleDict(frozen), step_fn
+
+    def forward(self, step: int) -> tuple[torch.Tensor, dict]:
+        return self.step_fn(step)
+
+
+def data_parallel(step: StageStep) -> torch.nn.Module:
+    """Ray Train's `prepare_model`: onto the worker's device (its GPU under use_gpu, else the CPU), then DDP
+    (gloo on CPUs, NCCL on GPUs) when there is more than one worker. Unused parameters are allowed: a phase may
+    freeze the backbone."""
+    from ray.train.torch import prepare_model
+
+    return prepare_model(step, parallel_strategy_kwargs={"find_unused_parameters": True})
 
 
 def restore(modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
@@ -143,22 +161,27 @@ def report(metrics: dict, step: int, modules, optimizer, export: Callable[[Path]
 def train_steps(
     cfg: StageConfig, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
     step_fn: Callable[[int], tuple[torch.Tensor, dict]], export: Callable[[Path], None],
+    frozen: dict[str, torch.nn.Module] | None = None,
 ) -> None:
-    """The shared loop: restore, then step / average gradients / clip / report / checkpoint until cfg.steps."""
+    """The shared loop: device + DDP, restore, then step / clip / report / checkpoint until cfg.steps.
+
+    `step_fn(step)` builds its batch on `device_of` its model and returns (loss, metrics); DDP averages the
+    gradients over the workers during `backward`.
+    """
     from tqdm import tqdm
 
     rank, _ = world()
-    start = restore(modules, optimizer)
+    model = data_parallel(StageStep(modules, frozen or {}, step_fn))
+    start = restore(modules, optimizer)  # after the move: the optimiser state lands on the parameters' device
     for step in tqdm(range(start, cfg.steps), desc=cfg.name, disable=rank != 0, mininterval=5):
         torch.manual_seed(hash((cfg.seed, step, rank)) % 2**31)
-        loss, metrics = step_fn(step)
-        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        loss, metrics = model(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(params)
         if cfg.grad_clip:
+            params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         done = step + 1

@@ -19,7 +19,7 @@ from policy.losses import next_scale_loss
 from policy.optim import configure_optimizers
 from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
-from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
+from policy.stages.common import StageConfig, device_of, main, sample_specs, scene_batch, step_rng, train_steps, world
 from policy.text_tokenizer import encode_prompts, shapes_tokenizer
 from policy.tokenizer import MultiScaleVQ
 from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM
@@ -97,12 +97,12 @@ def make_step_fn(cfg: PretrainConfig, policy: Policy, rank: int = 0):
         phase = phase_at(cfg.phases, step)
         set_trainable(model, phase.freeze_backbone)
         k = phase.scales or len(sched)
-        rng = step_rng(cfg.seed, step, rank)
+        rng, device = step_rng(cfg.seed, step, rank), device_of(model)
         images, captions = scene_batch(rng, sample_specs(rng, cfg.batch_size, cfg.categories))
         text = [[] if rng.random() < cfg.prompt_dropout else ids for ids in encode_prompts(policy.tokenizer, captions)]
         with torch.no_grad():
-            enc = vq.encode(images, cfg.self_correct, cfg.self_correct_topk,
-                            torch.Generator().manual_seed(rng.randrange(2**31)))
+            enc = vq.encode(images.to(device), cfg.self_correct, cfg.self_correct_topk,
+                            torch.Generator(device).manual_seed(rng.randrange(2**31)))
         logits = teacher_forced_logits(model, vq, text, enc.inputs, k)
         targets = torch.cat([c.flatten(1) for c in enc.targets[:k]], dim=1)
         loss, per_scale = next_scale_loss(logits, targets, scale_index_per_token(sched[:k]),
@@ -124,7 +124,7 @@ def train_fn(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     policy = build(cfg)
     train_steps(cfg, {"model": policy.model}, make_optimizer(cfg, policy.model), make_step_fn(cfg, policy, rank),
-                export=policy.save)
+                export=policy.save, frozen={"vq": policy.vq})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import policy.teacher  # noqa: F401  (registers the shapes-world open_clip configs)
 from policy.optim import configure_optimizers
-from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
+from policy.stages.common import StageConfig, device_of, main, sample_specs, scene_batch, step_rng, train_steps, world
 
 
 class RewardModelConfig(StageConfig):
@@ -61,11 +61,12 @@ def train_fn(config: dict) -> None:
     def step_fn(step: int):
         rng = step_rng(cfg.seed, step, rank)
         images, captions = scene_batch(rng, unique_specs(rng, cfg.batch_size))
-        out = model((images - mean) / std, tokenizer(captions))
+        device = device_of(model)
+        out = model((images.to(device) - mean.to(device)) / std.to(device), tokenizer(captions).to(device))
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         with torch.no_grad():
             sims = out["image_features"] @ out["text_features"].t()
-            acc = (sims.argmax(1) == torch.arange(len(captions))).float().mean()
+            acc = (sims.argmax(1) == torch.arange(len(captions), device=device)).float().mean()
         return loss, {"i2t_acc": acc, "logit_scale": out["logit_scale"].detach()}
 
     train_steps(cfg, {"clip": model}, opt, step_fn, export=lambda d: save_open_clip(model, cfg.model, d))

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from policy.optim import configure_optimizers
 from policy.scales import tiny_schedule
-from policy.stages.common import StageConfig, main, sample_specs, scene_batch, step_rng, train_steps, world
+from policy.stages.common import StageConfig, device_of, main, sample_specs, scene_batch, step_rng, train_steps, world
 from policy.tokenizer import MultiScaleVQ, VQConfig
 
 
@@ -40,7 +40,8 @@ def recon_pass_rate(vq: MultiScaleVQ, n: int = 480, seed: int = 7) -> float:
     with torch.no_grad():
         for i in range(0, n, 64):
             images, _ = scene_batch(rng, specs[i : i + 64])
-            recon = (vq.decode(vq.encode(images).targets) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+            recon = vq.decode(vq.encode(images.to(device_of(vq))).targets)
+            recon = (recon * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             passed += sum(score(img, spec)["all"] for img, spec in zip(recon, specs[i : i + 64]))
     return passed / n
 
@@ -77,7 +78,9 @@ def train_fn(config: dict) -> None:
     opt = configure_optimizers(torch.nn.ModuleDict(modules), cfg.lr, weight_decay=cfg.weight_decay)
 
     def step_fn(step: int):
-        images, _ = scene_batch(step_rng(cfg.seed, step, rank), sample_specs(step_rng(cfg.seed, step, rank), cfg.batch_size, split="all"))
+        rng = step_rng(cfg.seed, step, rank)
+        images, _ = scene_batch(rng, sample_specs(step_rng(cfg.seed, step, rank), cfg.batch_size, split="all"))
+        images = images.to(device_of(vq))
         feats = teacher(images) if teacher is not None else None
         losses = vq.losses(images, beta=cfg.beta, teacher_feats=feats, sem_head=head, fg_weight=cfg.fg_weight)
         loss = losses["recon"] + losses["vq"] + cfg.semantic_weight * (losses.get("semantic", 0) + losses.get("sem_commit", 0))
@@ -95,7 +98,8 @@ def train_fn(config: dict) -> None:
             vq.train()
         return loss, metrics
 
-    train_steps(cfg, modules, opt, step_fn, export=lambda d: vq.save_pretrained(d))
+    train_steps(cfg, modules, opt, step_fn, export=lambda d: vq.save_pretrained(d),
+                frozen={"teacher": teacher} if teacher is not None else None)
 
 
 if __name__ == "__main__":
