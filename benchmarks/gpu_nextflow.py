@@ -14,20 +14,26 @@ Rows (each side timed with torch.cuda.synchronize around it, interleaved where t
     own micro-step (rl.update.micro_step: PrefixScorer and prefix-GRPO loss), LoRA r = 8 on every linear (full fine-tuning of a 7B model with AdamW
     needs ~120 GB of weights and optimiser state alone: the NextFlow config shards it with ZeRO-2 over 8 GPUs),
     gradient checkpointing on;
-  - bytes of a weight update, full model vs LoRA adapters.
+  - bytes of a weight update, full model vs LoRA adapters;
+  - 3 steps of the real RL loop on the tiny shapes world, every actor on the one GPU, bf16 (benchmarks/gpu_loop.py):
+    fails when the first-pass ratio deviates from 1 by more than 1e-2.
+The script exits 1 when any row failed, so it is also the GPU machine's check (README "Running on GPUs").
 A measurement that fails (e.g. out of memory) or would start after --budget-s shows its error in the table.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from common import (QWEN7B_BACKBONE, fmt, interleaved, md_table, prompts, rate, ratio, sampler_flops, schedule_for,
-                    stats, update_bytes, write_result)
+from common import (OUT, QWEN7B_BACKBONE, fmt, interleaved, md_table, prompts, rate, ratio, sampler_flops,
+                    schedule_for, stats, update_bytes, write_result)
+from gpu_loop import loop_rows
 
 from policy.sampler import SampleConfig, sample, sample_raster
 from policy.scales import prefix_tokens
@@ -83,7 +89,7 @@ class Runner:
     """Runs named measurements in order; one that fails or would start past the budget records why."""
 
     def __init__(self, budget_s: float):
-        self.t0, self.budget_s, self.rows, self.data = time.perf_counter(), budget_s, [], {}
+        self.t0, self.budget_s, self.rows, self.data, self.failed = time.perf_counter(), budget_s, [], {}, []
 
     def __call__(self, name: str, fn) -> None:
         if time.perf_counter() - self.t0 > self.budget_s:
@@ -95,6 +101,7 @@ class Runner:
             self.data[name] = data
         except Exception as e:  # OOM and friends: report, go on with the rest
             traceback.print_exc()
+            self.failed.append(name)
             self.rows.append([name, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}", "", ""])
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         print(f"[{time.perf_counter() - self.t0:.0f} s] {name} done", flush=True)
@@ -195,11 +202,12 @@ def bytes_rows(model) -> tuple[list, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (exercises every code path)")
     ap.add_argument("--budget-s", type=float, default=420, help="start no measurement after this many seconds")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=OUT, help="where the result files go")
     args = ap.parse_args()
     sizes = SMOKE if args.smoke else GPU
     if args.batch:
@@ -225,12 +233,18 @@ def main() -> None:
     run("learner", lambda: learner_rows(model, vq, sizes, sync, device))
     if torch.cuda.is_available():
         run.data["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    del model, vq
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    run("rl_loop", lambda: loop_rows(gpu=not args.smoke))
     table = md_table([f"NextFlow-shaped ({'smoke, CPU' if args.smoke else torch.cuda.get_device_name()}, "
-                      f"{sum(p.numel() for n, p in model.named_parameters() if 'lora_' not in n) / 1e9:.2f} B)",
+                      f"{params / 1e9:.2f} B)",
                       "measured", "ratio", "note"], run.rows)
     write_result("gpu_nextflow_smoke" if args.smoke else "gpu_nextflow",
-                 {"sizes": sizes.__dict__, "results": run.data, "total_s": time.perf_counter() - run.t0}, table)
+                 {"sizes": sizes.__dict__, "results": run.data, "failed": run.failed,
+                  "total_s": time.perf_counter() - run.t0}, table, args.out)
+    return 1 if run.failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -48,7 +48,7 @@ class DriverState:
 def run_gpu_asks(cfg: RunConfig) -> dict[str, float]:
     """{config field: GPUs a run asks for at start}: learner ranks, rollout workers, reward replicas."""
     svc = cfg.rewards.service
-    return {"learner.use_gpu": float(cfg.learner.num_ranks if cfg.learner.use_gpu else 0),
+    return {"learner.use_gpu": cfg.learner.num_ranks * cfg.learner.gpus_per_rank if cfg.learner.use_gpu else 0.0,
             "rollout.gpus_per_worker": cfg.rollout.gpus_per_worker * cfg.rollout.workers,
             "rewards.service.num_gpus": svc.num_gpus * svc.replicas}
 

@@ -5,7 +5,8 @@
                                               loss = micro_step(...)          (rl/update.py: the math, pure)
                                               engine.backward(loss); engine.step()
     one optimiser step per pass over the shard (DeepSpeed gradient accumulation = micro-batches per rank);
-    `passes` passes over the same batch (PPO-style epochs; old log-probs stay those of the rollouts).
+    `passes` passes over the same batch (PPO-style epochs; old log-probs stay those of the rollouts, or with
+    `recompute_old_logprobs` — the default in bf16 — the learner's own before the update, as verl computes them).
 
 The forward covers only `text + <boi> + scales 2..m`. The multi-scale tokenizer (vq) is frozen and kept out of
 the DeepSpeed module (it only turns codes into input features). Reference model for beta > 0: with LoRA the same
@@ -17,7 +18,8 @@ passed to deepspeed.initialize: no DeepSpeed op needs compiling; weight decay on
 
 Metrics of a step are means over ranks x passes x micro-batches (maxima for ratio_max and
 ratio_first_pass_max_abs_dev = max |rho - 1| over every micro-batch of the first pass: all of them run before the
-first optimiser step, so it checks that the rollouts' old log-probs equal the learner's). `version` counts steps;
+first optimiser step, so it checks that the old log-probs equal the learner's; with recomputed old log-probs the
+rollouts' distance from them is rollout_logp_max_abs_dev). `version` counts steps;
 `publish()` hands out (version, object ref of the trainable state: all weights, or only the LoRA adapters);
 `export(out)` writes the current policy as a policy directory from rank 0 (the driver holds no weights).
 Determinism: every rank seeds from cfg.seed, no dropout by default, fixed shard and micro-batch order.
@@ -44,10 +46,10 @@ from policy.scales import prefix_tokens
 from policy.scoring import PrefixScores
 from policy.weights import apply_lora, trainable_state
 from rl.config import GRPOLossConfig
-from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale
+from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale, recomputes_old_logprobs
 from rl.update import (
-    PrefixScorer, TrainBatch, base_model, learner_optimizer, micro_batches, micro_step, prefix_of, reduce_metrics,
-    ref_logprobs, register_direct_params, split_rows,
+    PrefixScorer, TrainBatch, base_model, learner_old_logprobs, learner_optimizer, micro_batches, micro_step,
+    prefix_of, reduce_metrics, ref_logprobs, register_direct_params, split_rows,
 )
 
 CHECKPOINT_TAG = "learner"
@@ -149,6 +151,9 @@ class LearnerActor:
         refs = [ref_logprobs(reference, mb, self.loss_cfg) for mb in micro]   # constant over passes
         self.engine.train()
         records = []
+        if recomputes_old_logprobs(self.cfg):
+            micro, gaps = zip(*(learner_old_logprobs(self._scores, mb) for mb in micro))
+            records.append({"rollout_logp_max_abs_dev": max(gaps)})
         for p in range(self.cfg.passes):
             for mb, ref in zip(micro, refs):
                 scale = micro_loss_scale(len(mb), len(shard), gas)
@@ -277,12 +282,13 @@ class LearnerGroup:
         cfg = LearnerConfig.model_validate(cfg.model_dump() | update)
         deepspeed_config(cfg)  # batch_size must be known by now
         self.cfg, self.m, self.version = cfg, m, 0
-        bundle = {"CPU": cfg.cpus_per_rank} | ({"GPU": 1} if cfg.use_gpu else {})
+        gpus = cfg.gpus_per_rank if cfg.use_gpu else 0
+        bundle = {"CPU": cfg.cpus_per_rank} | ({"GPU": gpus} if gpus else {})
         self.pg = placement_group([bundle] * cfg.num_ranks, strategy="PACK")
         ray.get(self.pg.ready())
         self.actors = [
             LearnerActor.options(
-                num_cpus=cfg.cpus_per_rank, num_gpus=1 if cfg.use_gpu else 0,
+                num_cpus=cfg.cpus_per_rank, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
             ).remote(r, cfg.num_ranks, str(Path(policy_dir).resolve()), m, alpha, loss, cfg)

@@ -18,9 +18,13 @@ from core.settings import LoraSettings
 class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray Train workers)")
-    use_gpu: bool = Field(False, description="one GPU per rank")
+    use_gpu: bool = Field(False, description="each rank computes on a GPU (gpus_per_rank of one)")
+    gpus_per_rank: float = Field(1.0, gt=0, le=1, description="Ray GPUs per rank under use_gpu; a fraction shares "
+                                                              "the GPU with rollout workers and the reward service")
     precision: Literal["fp32", "bf16"] | None = Field(None, description="the learner's compute precision (DeepSpeed "
                                                                        "bf16); null: bf16 on GPUs, fp32 on CPUs")
+    recompute_old_logprobs: bool | None = Field(None, description="old log-probs from the learner's own forward "
+                                                "before the update (verl's way), not the rollouts'; null: on in bf16")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs per rank")
     batch_size: int | None = Field(None, ge=1, description="rows per step over all ranks (prompts x G); null: the "
                                                            "run sets it")
@@ -87,6 +91,12 @@ def micro_loss_scale(rows: int, shard_rows: int, gas: int) -> float:
 def learner_precision(cfg: LearnerConfig) -> str:
     """The learner's precision: as set, else bf16 on GPUs and fp32 on CPUs."""
     return cfg.precision or ("bf16" if cfg.use_gpu else "fp32")
+
+
+def recomputes_old_logprobs(cfg: LearnerConfig) -> bool:
+    """As set, else in bf16: there the sampler's KV-cached, guided-batch forward and the learner's teacher-forced
+    one round differently (the shipped policy in bf16 on both sides: |rho - 1| up to 0.2 on the first pass)."""
+    return cfg.recompute_old_logprobs if cfg.recompute_old_logprobs is not None else learner_precision(cfg) == "bf16"
 
 
 def deepspeed_config(cfg: LearnerConfig, need_batch: bool = True) -> dict:

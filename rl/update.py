@@ -60,7 +60,7 @@ def split_rows(batch: TrainBatch, parts: int) -> list[TrainBatch]:
     return [batch.rows(i * n, (i + 1) * n) for i in range(parts)]
 
 
-MAX_KEYS = ("ratio_max", "ratio_first_pass_max_abs_dev")
+MAX_KEYS = ("ratio_max", "ratio_first_pass_max_abs_dev", "rollout_logp_max_abs_dev")
 
 
 def reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
@@ -129,6 +129,15 @@ def prefix_of(schedule: list, m: int, alpha: float, device: torch.device | str |
 def ref_logprobs(ref_scores: Scores, mb: TrainBatch, cfg: GRPOLossConfig) -> torch.Tensor | None:
     """(b, N_m) log-probs of the reference policy for the KL term; None when beta == 0 (no reference needed)."""
     return ref_scores(mb.text_ids, mb.codes)[0] if cfg.beta else None
+
+
+@torch.no_grad()
+def learner_old_logprobs(scores: Scores, mb: TrainBatch) -> tuple[TrainBatch, float]:
+    """The micro-batch with its old log-probs recomputed by the learner (before any update), and max |exp(learner
+    - rollout) - 1|: how far the rollouts' own log-probs were (a precision or kernel gap, logged, not corrected)."""
+    old = scores(mb.text_ids, mb.codes)[0].float()
+    gap = (old - mb.old_logprobs.to(old.device).float()).exp().sub(1).abs().max().item()
+    return TrainBatch(mb.text_ids, mb.codes, old, mb.advantages), gap
 
 
 def micro_step(scores: Scores, mb: TrainBatch, prefix: Prefix, cfg: GRPOLossConfig, ref: torch.Tensor | None = None,

@@ -1,4 +1,5 @@
 """rl/update.py, the learner's pure update step, against an independent computation (no Ray, no DeepSpeed)."""
+import math
 import subprocess
 import sys
 
@@ -9,8 +10,9 @@ from policy.optim import configure_optimizers
 from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
 from rl.config import GRPOLossConfig
-from rl.strategy import micro_loss_scale
-from rl.update import PrefixScorer, TrainBatch, micro_batches, micro_step, prefix_of, ref_logprobs
+from rl.strategy import LearnerConfig, micro_loss_scale, recomputes_old_logprobs
+from rl.update import (PrefixScorer, TrainBatch, learner_old_logprobs, micro_batches, micro_step, prefix_of,
+                       ref_logprobs)
 from tests.conftest import PROMPTS, tiny_model, tiny_vq
 
 M, ALPHA = 3, 0.7
@@ -120,3 +122,17 @@ def test_configure_optimizers_is_the_learners_rule():
 def test_update_imports_no_ray():
     code = "import sys, rl.update; assert 'ray' not in sys.modules and 'deepspeed' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_learner_old_logprobs_replace_the_rollouts_and_report_their_distance():
+    batch = TrainBatch([[1], [2]], [torch.zeros(2, 1, 1, dtype=torch.long)], torch.tensor([[-1.0, -2.0], [-0.5, -3.0]]),
+                       torch.tensor([1.0, -1.0]))
+    learner = torch.tensor([[-1.1, -2.0], [-0.5, -2.5]])
+    out, gap = learner_old_logprobs(lambda text, codes: (learner, None), batch)
+    assert torch.equal(out.old_logprobs, learner) and out.text_ids == batch.text_ids
+    assert torch.equal(out.advantages, batch.advantages) and out.codes is batch.codes
+    assert gap == pytest.approx(max(abs(math.exp(-0.1) - 1), abs(math.exp(0.5) - 1)))  # the 0.5 (row 2, token 2)
+    cfg = LearnerConfig()
+    assert not recomputes_old_logprobs(cfg) and recomputes_old_logprobs(cfg.model_copy(update={"use_gpu": True}))
+    assert recomputes_old_logprobs(cfg.model_copy(update={"precision": "bf16"}))
+    assert not recomputes_old_logprobs(cfg.model_copy(update={"precision": "bf16", "recompute_old_logprobs": False}))
