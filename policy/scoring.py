@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policy.sequence import attention_mask, left_pad, position_ids
+from policy.sequence import attention_mask, left_pad, position_ids, same_padding_rows
 from policy.tokenizer import MultiScaleVQ
 from policy.transformer import NextScaleLM
 
@@ -27,8 +27,14 @@ def teacher_forced_logits(
     for s in range(2, k + 1):
         feats = vq.scale_inputs(input_codes[s - 2].to(dev), sched[s - 1]).to(dtype)
         parts.append(model.image_embeds(feats, s))
-    hidden = model(torch.cat(parts, 1), attention_mask(tmask, sched, k, dtype), position_ids(tmask, sched, k))
-    return model.image_logits(hidden[:, t:])                                   # <boi> onwards = scales 1..k
+    embeds, positions = torch.cat(parts, 1), position_ids(tmask, sched, k)
+    groups = same_padding_rows(tmask)    # one forward per text length: its rows share one (1, 1, L, L) mask
+    if len(groups) == 1:
+        return model.image_logits(model(embeds, attention_mask(tmask, sched, k, dtype), positions)[:, t:])
+    logits = [model.image_logits(model(embeds[rows], attention_mask(tmask[rows], sched, k, dtype),
+                                       positions[:, rows])[:, t:]) for rows in groups]
+    order = torch.cat(groups).argsort()
+    return torch.cat(logits)[order.to(dev)]                                # <boi> onwards = scales 1..k
 
 
 @dataclass

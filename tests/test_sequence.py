@@ -1,7 +1,8 @@
 import torch
 
 from policy.scales import scale_offsets, tiny_schedule
-from policy.sequence import attention_mask, block_ranges, group_ids, left_pad, position_ids, sequence_length
+from policy.sequence import (attention_mask, block_ranges, group_ids, left_pad, position_ids, same_padding_rows,
+                             sequence_length)
 
 SCHED = tiny_schedule()
 
@@ -67,3 +68,30 @@ def test_positions_multiscale_rope():
 def test_group_ids_share_within_scale():
     g = group_ids(2, SCHED, 3)
     assert g.tolist() == [0, 1, 2] + [3] * 4 + [4] * 9
+
+
+def test_rows_with_one_padding_share_one_mask_and_scores_match_per_row_masks():
+    """(1, 1, L, L) for rows of one text length; the scorer runs one forward per length, and its logits equal
+    those of the per-row (B, 1, L, L) mask of before, row for row."""
+    from policy.scoring import teacher_forced_logits
+    from tests.conftest import tiny_model, tiny_vq
+
+    _, same = left_pad([[5, 6], [7, 8]], pad_id=0)
+    assert attention_mask(same, SCHED, 4).shape[:2] == (1, 1)
+    _, mixed = left_pad([[5, 6], [7]], pad_id=0)
+    assert attention_mask(mixed, SCHED, 4).shape[:2] == (2, 1)
+    assert [g.tolist() for g in same_padding_rows(left_pad([[1], [2, 3], [4], [5, 6, 7]], 0)[1])] == [[0, 2], [1], [3]]
+
+    model, vq, k = tiny_model(), tiny_vq(), 4
+    text = [[3, 4, 5], [6, 7], [8, 9, 10, 11, 12], [6, 9]]
+    g = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, 64, (4, h, w), generator=g) for h, w in SCHED]
+    with torch.no_grad():
+        grouped = teacher_forced_logits(model, vq, text, codes, k)
+        ids, tmask = left_pad(text, model.cfg.pad_token_id)
+        per_row = torch.cat([attention_mask(tmask[i:i + 1], SCHED, k) for i in range(4)])       # (B, 1, L, L)
+        parts = [model.text_embeds(ids), model.boi_embeds(4)]
+        parts += [model.image_embeds(vq.scale_inputs(codes[s - 2], SCHED[s - 1]), s) for s in range(2, k + 1)]
+        hidden = model(torch.cat(parts, 1), per_row, position_ids(tmask, SCHED, k))
+        before = model.image_logits(hidden[:, ids.shape[1]:])
+    assert grouped.shape == before.shape and (grouped - before).abs().max() < 1e-5
