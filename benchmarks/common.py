@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from the repo root
 import torch  # noqa: E402
 
 from core.atomic import atomic_write_text  # noqa: E402
-from policy.scales import Schedule, nextflow_schedule, scale_offsets, tiny_schedule  # noqa: E402
+from policy.scales import Schedule, nextflow_schedule, prefix_tokens, scale_offsets, tiny_schedule  # noqa: E402
 from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -158,6 +158,34 @@ def update_bytes(cfg: NextScaleConfig, dtype=torch.bfloat16, lora=None) -> dict[
         state = apply_lora(NextScaleLM(cfg), lora or LoraSettings()).to(dtype).state_dict()
     return {"full": state_bytes({k: v for k, v in state.items() if LORA_KEY not in k}),
             "lora": state_bytes({k: v for k, v in state.items() if LORA_KEY in k})}
+
+
+def learner_memory(cfg: NextScaleConfig, rows: int, text_len: int, m: int, shared_mask: bool = True,
+                   weight_bytes: int = 2) -> dict[str, int]:
+    """Estimated bytes of one learner micro-step (bf16, gradient checkpointing, LoRA, a memory-efficient attention
+    kernel that never holds L x L scores) over text + scales 1..m: the frozen weights; the additive mask (one
+    (1, 1, L, L) shared, or one per row); the checkpointed layer inputs; one layer's recomputed activations
+    (q, k, v, o and the MLP's gate, up and product); the image logits (bf16, their fp32 copy, the log-softmax).
+    LoRA adapters and their AdamW state are left out (< 0.1% here). A floor, not a bound: allocator slack and
+    kernel workspaces come on top."""
+    b = cfg.backbone
+    tokens = prefix_tokens(cfg.schedule, m)
+    seq = text_len + tokens                                   # text + <boi> + inputs of scales 2..m
+    params = sum(p.numel() for p in _meta_model(cfg).parameters())
+    kv = b.num_key_value_heads * b.hidden_size // b.num_attention_heads
+    out = {
+        "weights": params * weight_bytes,
+        "mask": (1 if shared_mask else rows) * seq * seq * 2,
+        "layer_inputs": b.num_hidden_layers * rows * seq * b.hidden_size * 2,
+        "one_layer": rows * seq * (2 * b.hidden_size + 2 * kv + 3 * b.intermediate_size) * 2,
+        "logits": rows * tokens * cfg.num_codes * (2 + 4 + 4),
+    }
+    return out | {"total": sum(out.values()), "sequence": seq}
+
+
+def _meta_model(cfg: NextScaleConfig) -> NextScaleLM:
+    with torch.device("meta"):
+        return NextScaleLM(cfg)
 
 
 def qwen7b_config(px: int = 1024, num_codes: int = 16384, code_dim: int = 32) -> NextScaleConfig:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import (OUT, QWEN7B_BACKBONE, fmt, interleaved, md_table, prompts, rate, ratio, sampler_flops,
-                    schedule_for, stats, update_bytes, write_result)
+from common import (OUT, QWEN7B_BACKBONE, fmt, human_bytes, interleaved, learner_memory, md_table, prompts, rate,
+                    ratio, sampler_flops, schedule_for, stats, update_bytes, write_result)
 from gpu_loop import loop_rows
 
 from policy.sampler import SampleConfig, sample, sample_raster
@@ -186,13 +186,31 @@ def learner_rows(model, vq, sizes: Sizes, sync, device) -> tuple[list, dict]:
         opt.zero_grad(set_to_none=True)
 
     t = interleaved({k: (lambda k=k: step(k)) for k in ms}, sizes.repeats, sync=sync)
+    peak = {k: peak_bytes(lambda k=k: step(k)) for k in ms}
+    estimate = {k: learner_memory(model.cfg, rows, sizes.text_len, m) for k, m in ms.items()}
     tokens = {k: prefix_tokens(sched, m) for k, m in ms.items()}
     r = ratio(t["full"], t["prefix"])
     token_ratio = tokens["full"] / tokens["prefix"]
     return [[f"learner step m = {ms['prefix']} vs {ms['full']} scales ({tokens['prefix']} vs {tokens['full']} "
              f"tokens), {rows} rows, LoRA", f"{fmt(stats(t['prefix']))} s vs {fmt(stats(t['full']))} s",
              f"{fmt(r)}x", f"token ratio {token_ratio:.1f}; time/token ratio {r['median'] / token_ratio:.2f} "
-             "(goal >= 0.8)"]], {"seconds": t, "tokens": tokens, "time_ratio": r, "token_ratio": token_ratio}
+             "(goal >= 0.8)"]] + [
+        [f"learner step memory, m = {m}, {rows} rows", f"peak {human_bytes(peak[k]) if peak[k] else 'n/a (CPU)'}",
+         "", f"estimate {human_bytes(estimate[k]['total'])} (common.learner_memory; mask "
+             f"{human_bytes(estimate[k]['mask'])} shared)"] for k, m in ms.items()], \
+        {"seconds": t, "tokens": tokens, "time_ratio": r, "token_ratio": token_ratio, "peak_bytes": peak,
+         "estimate_bytes": estimate}
+
+
+def peak_bytes(fn) -> int:
+    """Peak GPU memory allocated during one call (0 on the CPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
 def bytes_rows(model) -> tuple[list, dict]:

@@ -13,7 +13,7 @@ from policy.sequence import attention_mask, left_pad, position_ids
 from tests.conftest import PROMPTS, SCHED, tiny_model, tiny_vq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from common import forward_flops, interleaved, md_table, ratio, sampler_flops, stats  # noqa: E402
+from common import forward_flops, interleaved, learner_memory, md_table, ratio, sampler_flops, stats  # noqa: E402
 
 
 def counted(fn) -> int:
@@ -84,3 +84,27 @@ def test_rl_efficacy_pooling_verdict_and_moving_average():
     assert verdict((0.3, 0.2, 0.4), (0.1, 0.05, 0.15)) == "worse"
     assert verdict((0.1, 0.05, 0.2), (0.15, 0.1, 0.25)).startswith("no difference")
     assert moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5] and moving_average([5], 10) == [5]
+
+
+def test_learner_memory_estimate_by_hand_and_against_the_tensors():
+    """3 rows of 5 text tokens, m = 3 (1 + 4 + 9 = 14 image tokens, so L = 19) on the tiny model (D 64, MLP 128,
+    2 layers, 4 heads / 2 KV heads: kv width 32, 64 codes)."""
+    from policy.scoring import teacher_forced_logits
+
+    model, vq = tiny_model(), tiny_vq()
+    est = learner_memory(model.cfg, rows=3, text_len=5, m=3)
+    assert est["sequence"] == 19
+    assert est["mask"] == 19 * 19 * 2 and learner_memory(model.cfg, 3, 5, 3, shared_mask=False)["mask"] == 3 * 722
+    assert est["layer_inputs"] == 2 * 3 * 19 * 64 * 2
+    assert est["one_layer"] == 3 * 19 * (64 + 64 + 32 + 32 + 3 * 128) * 2
+    assert est["logits"] == 3 * 14 * 64 * 10
+    assert est["weights"] == 2 * sum(p.numel() for p in model.parameters())
+    assert est["total"] == sum(v for k, v in est.items() if k not in ("total", "sequence"))
+    text = [[3, 4, 5, 6, 7]] * 3
+    _, tmask = left_pad(text, 0)
+    mask = attention_mask(tmask, SCHED, 3, torch.bfloat16)
+    assert mask.numel() * mask.element_size() == est["mask"]                     # the shared (1, 1, L, L) mask
+    codes = [torch.zeros(3, h, w, dtype=torch.long) for h, w in SCHED]
+    with torch.no_grad():
+        logits = teacher_forced_logits(model, vq, text, codes, 3)
+    assert logits.numel() * 10 == est["logits"]                                  # bf16 + fp32 copy + log-softmax
