@@ -58,6 +58,10 @@ class RolloutConfig(_Strict):
     threads_per_worker: int = describe(1, "torch threads inside a worker", ge=1)
     precision: Literal["fp32", "bf16"] | None = describe(None, "the workers' compute precision; null: the "
                                                                "learner's (learner.precision)")
+    weight_sync: Literal["object_store", "collective"] = describe(
+        "object_store", "how new weights reach the workers: Ray's object store, or a broadcast group with learner "
+                        "rank 0 (gloo; NCCL when both are on GPUs) with the object store as fallback")
+    sync_timeout_s: float = describe(60.0, "collective weight sync: seconds before a stuck group is given up", gt=0)
     sample: SampleConfig = describe(SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=32, top_p=0.95),
                                     "how the rollouts sample")
 

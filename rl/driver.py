@@ -31,6 +31,7 @@ from rl.prompts import load_prompts
 from rl.runstore import RunStore, credential_env, trim_eval_curve
 from rl.step import StreamedRewards, assemble_step, check_staleness, make_units, step_metrics, step_table
 from rl.tracking import Tracker
+from rl.weight_sync import WeightSync
 from rollout.pool import RolloutPool
 from rollout.record import write_step
 from rollout.worker import RolloutWorker
@@ -186,8 +187,10 @@ class Driver:
             cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision)
         self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
+        both_gpu = cfg.learner.use_gpu and r.gpus_per_worker > 0
+        self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s, "nccl" if both_gpu else "gloo")
         if state.version > 0:
-            self.pool.broadcast(*self.learner.publish())
+            self.sync.push()
         with self._writing("metrics.jsonl"):
             self.tracker = Tracker(self.run_dir, cfg.name, cfg.logging.project, cfg.logging.wandb, state.run_id,
                                    cfg.model_dump(mode="json"), resume_step=state.step)
@@ -232,13 +235,14 @@ class Driver:
             learn = self._timed("learner", self.learner.finish_step, started)
         else:
             learn = self._timed("learner", self.learner.step, rows.batch)
-        self._timed("sync", lambda: self.pool.broadcast(*self.learner.publish()))
+        self._timed("sync", self.sync.push)
         if self.pool.version != step:
             raise RuntimeError(f"learner is at weight version {self.pool.version}, the driver at step {step}")
         state.step, state.cursor, state.version = step, state.cursor + len(units), step
         t_log = time.perf_counter()
         metrics = {**step_metrics(rows, self.pool.size), **{f"learner/{k}": v for k, v in learn.items()}, **stale,
-                   **{f"pool/{k}": v for k, v in self.pool.stats.items()}}
+                   **{f"pool/{k}": v for k, v in self.pool.stats.items()},
+                   **({f"sync/{k}": v for k, v in self.sync.stats.items()} if self.sync.mode == "collective" else {})}
         with self._writing(f"the records of step {step}"):
             written = [write_step(self.run_dir, step, step_table(step, units, results, rows, trained_from))]
             if step % cfg.logging.grid_every == 0 or step == cfg.steps:

@@ -42,6 +42,7 @@ import numpy as np
 import ray
 import torch
 
+from core.collective import open_group, send_state, state_layout
 from policy.scales import prefix_tokens
 from policy.scoring import PrefixScores
 from policy.weights import apply_lora, trainable_state
@@ -190,6 +191,22 @@ class LearnerActor:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         with self._gathered():
             return trainable_state(self.engine.module.model)
+
+    def open_sync(self, addr: str, port: int, world: int, timeout_s: float, backend: str) -> int:
+        """Root (rank 0) of a weight broadcast group with the rollout workers (core.collective)."""
+        self.sync_group, self.sync_backend = open_group(addr, port, world, 0, timeout_s, backend), backend
+        return 0
+
+    def send_weights(self, ranks: list[int]) -> tuple[list[int], int]:
+        """The trainable state to `ranks` of the sync group: (ranks whose send failed, bytes per worker)."""
+        state = self.trainable_state()
+        if self.sync_backend == "gloo":
+            state = {k: v.cpu() for k, v in state.items()}
+        return send_state(self.sync_group, state, state_layout(state), ranks), sum(
+            v.numel() * v.element_size() for v in state.values())
+
+    def sync_layout(self) -> list:
+        return state_layout(self.trainable_state())
 
     @torch.no_grad()
     def score(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool) -> PrefixScores:

@@ -31,7 +31,7 @@ class RolloutPool:
         self.workers: dict[int, ray.actor.ActorHandle] = {}
         self.starting: dict[int, ray.ObjectRef] = {}  # worker id -> ref that resolves once the actor is up
         self._ids = itertools.count()
-        self.version, self.weights_ref = 0, None
+        self.version, self.weights_ref, self._source = 0, None, None
         self.stats = {"units": 0, "reruns": 0, "workers_lost": 0, "workers_added": 0, "workers_removed": 0}
         self.target = self._clamp(size)
         self._apply_size()
@@ -43,8 +43,8 @@ class RolloutPool:
     def _add(self) -> int:
         wid = next(self._ids)
         handle = self.factory()
-        if self.weights_ref is not None:
-            handle.set_weights.remote(self.version, self.weights_ref)  # queued before any unit
+        if self._source is not None:
+            handle.set_weights.remote(self.version, self._ref())  # queued before any unit
         self.workers[wid] = handle
         self.starting[wid] = handle.get_version.remote()
         self.stats["workers_added"] += 1
@@ -93,15 +93,17 @@ class RolloutPool:
         return len(self.workers)
 
     # ------------------------------------------------------------------ weights
-    def broadcast(self, version: int, state: dict | ray.ObjectRef) -> None:
+    def broadcast(self, version: int, state: dict | ray.ObjectRef | Callable[[], ray.ObjectRef],
+                  have: set[int] = frozenset()) -> None:
         """Send weights `version` to every worker (one object-store copy); wait until the running ones hold it.
 
-        A worker that is still starting gets the call queued ahead of any unit.
+        `state`: the weights, their object ref, or a callable that makes the ref — called only when a worker needs
+        it: one not in `have` (the workers that already hold `version`, e.g. from a collective broadcast), or one
+        that joins later. A worker that is still starting gets the call queued ahead of any unit.
         """
-        self.version = version
-        self.weights_ref = state if isinstance(state, ray.ObjectRef) else ray.put(state)
+        self.version, self._source, self.weights_ref = version, state, None
         self._poll_starting()
-        calls = {w: h.set_weights.remote(version, self.weights_ref) for w, h in self.workers.items()}
+        calls = {w: h.set_weights.remote(version, self._ref()) for w, h in self.workers.items() if w not in have}
         refs = {w: ref for w, ref in calls.items() if w not in self.starting}
         for wid, ref in refs.items():
             try:
@@ -109,6 +111,18 @@ class RolloutPool:
             except DEAD:
                 self._lost(wid)
         self._apply_size()
+
+    def _ref(self) -> ray.ObjectRef:
+        if self.weights_ref is None:
+            src = self._source
+            self.weights_ref = src if isinstance(src, ray.ObjectRef) else src() if callable(src) else ray.put(src)
+        return self.weights_ref
+
+    @property
+    def ready_workers(self) -> dict[int, "ray.actor.ActorHandle"]:
+        """The workers that are up (polled now)."""
+        self._poll_starting()
+        return {w: self.workers[w] for w in self.ready}
 
     def _lost(self, wid: int) -> None:
         self.workers.pop(wid, None)

@@ -55,6 +55,26 @@ class RolloutWorkerImpl:
         self.version = version
         return version
 
+    def open_sync(self, addr: str, port: int, world: int, rank: int, timeout_s: float, backend: str) -> int:
+        """Join a weight broadcast group (core.collective) as `rank`; learner rank 0 is its root."""
+        from core.collective import open_group
+
+        self.sync_group, self.sync_device = open_group(addr, port, world, rank, timeout_s, backend), \
+            self.device if backend == "nccl" else torch.device("cpu")
+        return rank
+
+    def receive_weights(self, version: int, layout: list) -> int:
+        """Weights `version` from the group's root, straight into the model."""
+        from core.collective import recv_state
+
+        return self.set_weights(version, recv_state(self.sync_group, layout, self.sync_device))
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What set_weights loads (all weights, or the LoRA adapters), on the CPU: to compare with the learner's."""
+        from policy.weights import trainable_state
+
+        return {k: v.cpu() for k, v in trainable_state(self.policy.model).items()}
+
     def get_version(self) -> int:
         return self.version
 

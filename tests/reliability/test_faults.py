@@ -65,8 +65,10 @@ def test_rollout_worker_and_reward_replica_killed_mid_run(reference_run, rl_asse
     """One run, two faults: a rollout worker SIGKILLed while it samples step 2 (its unit is re-run elsewhere) and
     the reward replica SIGKILLed while it scores step 2's batch (scored again, anew). Rewards are sequential here
     (one request per step, so call N is step N + 1's batch) while the reference run streams them per unit: also
-    the check that streaming changes no reward, advantage or weight."""
-    cfg = slow_reward_config(rl_assets, tmp_path, "faults", **{"loop.stream_rewards": False})
+    the check that streaming changes no reward, advantage or weight. Weights go over the collective (gloo) group
+    here and through the object store in the reference: the same weights, bit for bit."""
+    cfg = slow_reward_config(rl_assets, tmp_path, "faults", **{"loop.stream_rewards": False,
+                                                                "rollout.weight_sync": "collective"})
     driver = Driver(RunConfig(**cfg))
     call = tmp_path / "markers-faults" / "call-1"   # the batch of step 2, in flight
     killed: dict[str, int] = {}
@@ -92,6 +94,7 @@ def test_rollout_worker_and_reward_replica_killed_mid_run(reference_run, rl_asse
     assert driver.pool.stats["workers_lost"] >= 1 and driver.pool.stats["units"] == 3 * 3
     assert len(calls) == 4 and int(calls[-1].read_text()) != killed["replica"]  # step 2 scored again, anew
     assert_same_run(reference_run, driver.run_dir)
+    assert driver.sync.stats["collective_workers"] >= 4 and driver.sync.stats["group_builds"] >= 2  # rebuilt
 
 
 def test_learner_rank_killed_during_a_step_stops_cleanly_and_resumes(reference_run, rl_assets, tmp_path):
