@@ -188,7 +188,8 @@ class Driver:
         self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
         both_gpu = cfg.learner.use_gpu and r.gpus_per_worker > 0
-        self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s, "nccl" if both_gpu else "gloo")
+        self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s, "nccl" if both_gpu else "gloo",
+                               lazy=cfg.loop.off_policy_steps == 0)  # the learner steps during rollouts otherwise
         if state.version > 0:
             self.sync.push()
         with self._writing("metrics.jsonl"):

@@ -19,8 +19,12 @@ from rollout.pool import DEAD, RolloutPool
 
 class WeightSync:
     def __init__(self, learner, pool: RolloutPool, mode: str = "object_store", timeout_s: float = 60.0,
-                 backend: str = "gloo"):
+                 backend: str = "gloo", lazy: bool = True):
+        """lazy: the object-store copy is made only when a worker needs it. Only right while the learner stays at
+        the pushed version until the next push (the on-policy loop); with the learner stepping during rollouts
+        (loop.off_policy_steps) a late copy would hold newer weights, so the copy is made at every push."""
         self.learner, self.pool, self.mode, self.timeout_s, self.backend = learner, pool, mode, timeout_s, backend
+        self.lazy = lazy
         self.members: dict[int, int] | None = None  # worker id -> rank in the current group (None: no group)
         self.layout: list | None = None
         self.stats = {"collective_workers": 0, "fallback_workers": 0, "group_builds": 0, "bytes": 0, "seconds": 0.0}
@@ -29,11 +33,11 @@ class WeightSync:
         """Hand the learner's current version to every worker; returns once the running workers hold it."""
         t = time.perf_counter()
         version = self.learner.version
-        publish = lambda: self.learner.publish()[1]  # noqa: E731  (object store: made lazily, at most once)
         have = self._collective(version) if self.mode == "collective" else set()
+        publish = lambda: self.learner.publish()[1]  # noqa: E731  (object store: made at most once per version)
         self.stats["collective_workers"] += len(have)
         self.stats["fallback_workers"] += len(set(self.pool.workers) - have)
-        self.pool.broadcast(version, publish, have=have)
+        self.pool.broadcast(version, publish if self.lazy else publish(), have=have)
         self.stats["seconds"] += time.perf_counter() - t
 
     # ------------------------------------------------------------------ the collective path
