@@ -15,8 +15,8 @@ Rows (each side timed with torch.cuda.synchronize around it, interleaved where t
     needs ~120 GB of weights and optimiser state alone: the NextFlow config shards it with ZeRO-2 over 8 GPUs),
     gradient checkpointing on;
   - bytes of a weight update, full model vs LoRA adapters;
-  - 3 steps of the real RL loop on the tiny shapes world, every actor on the one GPU, bf16 (benchmarks/gpu_loop.py):
-    fails when the first-pass ratio deviates from 1 by more than 1e-2.
+  - first, 3 steps of the real RL loop on the tiny shapes world, every actor on the one GPU, bf16
+    (benchmarks/gpu_loop.py): fails when the first-pass ratio deviates from 1 by more than 1e-2.
 The script exits 1 when any row failed, so it is also the GPU machine's check (README "Running on GPUs").
 A measurement that fails (e.g. out of memory) or would start after --budget-s shows its error in the table.
 """
@@ -238,6 +238,7 @@ def main() -> int:
     if not args.smoke:
         torch.backends.cuda.matmul.allow_tf32 = True
     run = Runner(args.budget_s)
+    run("rl_loop", lambda: loop_rows(gpu=not args.smoke))  # the correctness check first, on a free GPU
     t = time.perf_counter()
     model, vq = build(sizes, device, dtype)
     print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params in "
@@ -252,9 +253,6 @@ def main() -> int:
     if torch.cuda.is_available():
         run.data["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    del model, vq
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    run("rl_loop", lambda: loop_rows(gpu=not args.smoke))
     table = md_table([f"NextFlow-shaped ({'smoke, CPU' if args.smoke else torch.cuda.get_device_name()}, "
                       f"{params / 1e9:.2f} B)",
                       "measured", "ratio", "note"], run.rows)

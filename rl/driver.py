@@ -31,7 +31,7 @@ from rl.prompts import load_prompts
 from rl.runstore import RunStore, credential_env, trim_eval_curve
 from rl.step import StreamedRewards, assemble_step, check_staleness, make_units, step_metrics, step_table
 from rl.tracking import Tracker
-from rl.weight_sync import WeightSync
+from rl.weight_sync import WeightSync, sync_backend
 from rollout.pool import RolloutPool
 from rollout.record import write_step
 from rollout.worker import RolloutWorker
@@ -187,8 +187,8 @@ class Driver:
             cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision)
         self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
-        both_gpu = cfg.learner.use_gpu and r.gpus_per_worker > 0
-        self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s, "nccl" if both_gpu else "gloo",
+        self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s,
+                               sync_backend(cfg.learner.use_gpu, r.gpus_per_worker),
                                lazy=cfg.loop.off_policy_steps == 0)  # the learner steps during rollouts otherwise
         if state.version > 0:
             self.sync.push()

@@ -17,6 +17,11 @@ import ray
 from rollout.pool import DEAD, RolloutPool
 
 
+def sync_backend(learner_on_gpu: bool, gpus_per_worker: float) -> str:
+    """NCCL when both ends hold their weights on GPUs; gloo otherwise (the learner sends CPU copies then)."""
+    return "nccl" if learner_on_gpu and gpus_per_worker > 0 else "gloo"
+
+
 class WeightSync:
     def __init__(self, learner, pool: RolloutPool, mode: str = "object_store", timeout_s: float = 60.0,
                  backend: str = "gloo", lazy: bool = True):

@@ -16,7 +16,7 @@ from rl.grpo import group_advantages
 from rl.learner import LearnerGroup
 from rl.strategy import LearnerConfig
 from rl.update import TrainBatch
-from rl.weight_sync import WeightSync
+from rl.weight_sync import WeightSync, sync_backend
 from rollout.pool import RolloutPool
 from rollout.units import WorkUnit
 from rollout.worker import RolloutWorker
@@ -36,6 +36,11 @@ def test_flat_buffers_round_trip_bit_for_bit():
     assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
     with pytest.raises(ValueError, match=r"^weights: b.w is \(4, 3\)"):
         flatten_state(state | {"b.w": torch.randn(4, 3)}, layout)
+
+
+def test_nccl_only_when_both_ends_are_on_gpus():
+    assert sync_backend(True, 0.25) == "nccl"
+    assert sync_backend(True, 0.0) == sync_backend(False, 1.0) == sync_backend(False, 0.0) == "gloo"
 
 
 def same(a: dict, b: dict) -> bool:
