@@ -19,7 +19,7 @@ from core.atomic import atomic_write_text
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 CPU_SET = ["sampling_speed", "kv_cache", "prefix_learner", "sampler_efficiency", "reward_batching", "weight_sync",
-           "step_breakdown", "rollout_scaling", "storage_checkpoint"]
+           "weight_sync --paths", "step_breakdown", "rollout_scaling", "storage_checkpoint"]  # "script [args]"
 
 
 def update_readme(readme: Path = README, results: Path = HERE / "results") -> list[str]:
@@ -44,7 +44,8 @@ def main() -> None:
     for name in [] if args.readme_only else args.names:
         t = time.perf_counter()
         print(f"=== {name}", flush=True)
-        if subprocess.run([sys.executable, str(HERE / f"{name}.py")], cwd=HERE.parent).returncode:
+        script, *extra = name.split()
+        if subprocess.run([sys.executable, str(HERE / f"{script}.py"), *extra], cwd=HERE.parent).returncode:
             failed.append(name)
         print(f"=== {name}: {time.perf_counter() - t:.0f} s", flush=True)
     print("README tables updated:", ", ".join(update_readme()) or "none")
