@@ -1,6 +1,6 @@
 """The GPU check's loop rows: 3 steps of the real RL loop (rollout workers, the Serve reward service, the DeepSpeed
 learner, the driver) on the shipped tiny shapes policy, every actor on the one GPU (fractions of it), bf16 on both
-sides of the ratio. `benchmarks/gpu_nextflow.py` runs it last; with --smoke the same code runs on the CPU.
+sides of the ratio. `benchmarks/gpu_nextflow.py` runs it first; with --smoke the same code runs on the CPU.
 
 It fails (the row says so, the script exits 1) when a step's first-pass ratio deviates from 1 by more than
 MAX_FIRST_PASS_DEV: old and new log-probs must come from one precision policy on one device. In bf16 the learner
@@ -35,20 +35,13 @@ def loop_config(runs_dir: str, gpu: bool, port: int) -> dict:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def loop_rows(gpu: bool) -> tuple[list, dict]:
     """Run the loop; one table row with s/step, the reward and the largest first-pass deviation over the steps."""
     import ray
 
     from rl.config import RunConfig
     from rl.driver import Driver
+    from rl.learner import free_port
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)  # joins RAY_ADDRESS if set, else starts a local Ray

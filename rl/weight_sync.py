@@ -48,7 +48,7 @@ class WeightSync:
     # ------------------------------------------------------------------ the collective path
     def _collective(self, version: int) -> set[int]:
         """Send `version` over the group; the ids of the workers that received it."""
-        ready = self.pool.ready_workers
+        ready = self.pool.ready_workers()
         if not ready:
             return set()
         if self.members is None or set(self.members) != set(ready):
@@ -57,7 +57,7 @@ class WeightSync:
             return set()
         root = self.learner.actors[0]
         sent = root.send_weights.remote(list(self.members.values()))
-        gathers = self._other_ranks("trainable_state")          # ZeRO-3: every rank takes part in the gather
+        gathers = self._other_ranks_gather()          # ZeRO-3: every rank takes part in the gather
         got = {w: ready[w].receive_weights.remote(version, self.layout) for w in self.members}
         failed_ranks, nbytes = self._get(sent, (list(self.members.values()), 0))
         self._get_all(gathers)
@@ -74,7 +74,7 @@ class WeightSync:
         root = self.learner.actors[0]
         if self.layout is None:
             self.layout = self._get(root.sync_layout.remote())
-            self._get_all(self._other_ranks("trainable_state"))
+            self._get_all(self._other_ranks_gather())
             if self.layout is None:
                 return
         addr, port = ray.get(root.address.remote())
@@ -87,10 +87,11 @@ class WeightSync:
             self.members = members
             self.stats["group_builds"] += 1
 
-    def _other_ranks(self, method: str) -> list:
+    def _other_ranks_gather(self) -> list:
+        """ZeRO-3: ranks 1..N-1 join rank 0's parameter gather (their refs); none otherwise."""
         if self.learner.info["zero_stage"] != 3:
             return []
-        return [getattr(a, method).remote() for a in self.learner.actors[1:]]
+        return [a.trainable_state.remote() for a in self.learner.actors[1:]]
 
     def _get_all(self, refs: list) -> None:
         for ref in refs:

@@ -118,7 +118,6 @@ class RolloutPool:
             self.weights_ref = src if isinstance(src, ray.ObjectRef) else src() if callable(src) else ray.put(src)
         return self.weights_ref
 
-    @property
     def ready_workers(self) -> dict[int, "ray.actor.ActorHandle"]:
         """The workers that are up (polled now)."""
         self._poll_starting()
