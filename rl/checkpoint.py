@@ -11,11 +11,12 @@ import os
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from core.atomic import atomic_dir
+
+if TYPE_CHECKING:
+    import torch
 
 STATE = "driver_state.json"
 
@@ -73,6 +74,8 @@ def check_learner_checkpoint(path: str | Path, expected: dict[str, torch.Tensor]
     e.g. `trainable_state(model)`) every tensor's name and shape must match. A problem is one line naming the file.
     Returns the model-states file.
     """
+    import torch  # here, not at the top: saving and listing checkpoints needs no torch (a killed writer starts fast)
+
     root = Path(path)
     tag_file = root / "latest"
     try:

@@ -32,11 +32,12 @@ def test_pretrain_stage_resumes_after_driver_kill(tmp_path):
     cmd = [sys.executable, "-m", "policy.stages.pretrain", str(tmp_path / "cfg.yaml")]
     first = _run(cmd)
     run_dir = tmp_path / "runs" / "resume"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once a checkpoint is complete and registered
     deadline = time.time() + 240
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+    while time.time() < deadline and not snapshot.exists():  # a checkpoint_* folder alone may be half-written
         assert first.poll() is None, first.stdout.read()[-3000:]
         time.sleep(0.2)
-    assert list(run_dir.glob("checkpoint_*")), "no checkpoint within the deadline"
+    assert snapshot.exists(), "no registered checkpoint within the deadline"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (run_dir / "final").exists()
