@@ -4,7 +4,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from policy.scales import prefix_tokens
 from policy.scoring import teacher_forced_logits
 from policy.sequence import left_pad, mask_from_groups
-from policy.transformer import NextScaleLM, mrope_section
+from policy.transformer import BackboneConfig, NextScaleConfig, NextScaleLM, interleaved_inv_freq, mrope_section
 from tests.conftest import PROMPTS, SCHED
 
 
@@ -78,6 +78,31 @@ def test_later_scales_do_not_change_earlier_logits(model, vq):
 def test_mrope_section_matches_qwen25vl():
     assert mrope_section(128) == [16, 24, 24]
     assert sum(mrope_section(16)) == 8
+
+
+def test_interleaved_inv_freq_deals_every_third_frequency_to_each_axis():
+    freq = 1.0 / 10000 ** (torch.arange(0, 32, 2).float() / 32)  # head_dim 32: 16 frequencies, highest first
+    out = interleaved_inv_freq(freq, [4, 6, 6])
+    # by hand: ranks 0,3,6,9 -> scale; 1,4,7,10,12,14 -> y; 2,5,8,11,13,15 -> x (scale's block is full after 9)
+    assert torch.equal(out, freq[[0, 3, 6, 9, 1, 4, 7, 10, 12, 14, 2, 5, 8, 11, 13, 15]])
+    assert torch.equal(out.sort().values, freq.sort().values)  # a permutation: still plain RoPE
+
+
+def _column_turn(interleave: bool) -> float:
+    """Largest angle (rad) between the rotary embeddings of two image tokens 7 columns apart on the 8x8 grid."""
+    cfg = NextScaleConfig(backbone=BackboneConfig(hidden_size=128, num_attention_heads=4, rope_interleave=interleave),
+                          schedule=SCHED, text_vocab_size=30, num_codes=64, code_dim=16)
+    rotary = NextScaleLM(cfg).backbone.rotary_emb
+    pos = torch.tensor([[5.0, 5.0], [6.0, 6.0], [6.0, 13.0]])[:, None]  # (3 axes, B=1, 2 tokens): x = 6 vs 13
+    cos, sin = rotary(torch.zeros(1), pos)  # (1, 2, head_dim)
+    turn = torch.atan2(sin[0, 1] * cos[0, 0] - cos[0, 1] * sin[0, 0], cos[0, 0] * cos[0, 1] + sin[0, 0] * sin[0, 1])
+    return float(turn.abs().max())
+
+
+def test_interleaved_rope_lets_the_model_tell_columns_apart():
+    """Qwen2.5-VL's contiguous split gives x only the lowest frequencies: 7 columns turn by < 0.03 rad (the shipped
+    policy cannot tell columns apart); interleaved, the same 7 columns turn by over 1 rad."""
+    assert _column_turn(False) < 0.03 and _column_turn(True) > 1.0
 
 
 def test_left_padding_does_not_change_logits(model, vq):
