@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedModel, Qwen2_5_VLTextConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, Qwen2_5_VLTextModel
 
 from policy.hf import MODEL_TYPE, NextScaleHFConfig
 from policy.io import MAX_SHARD_SIZE
@@ -68,23 +68,37 @@ def mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * hw, hw, hw]
 
 
-def interleaved_inv_freq(inv_freq: torch.Tensor, section: list[int]) -> torch.Tensor:
-    """Reorder RoPE frequencies so that each axis's contiguous block of `section` holds every third one.
-
-    Qwen2.5-VL's rotary embedding gives axis a the frequencies in block a of `inv_freq` (sizes `section`); with the
-    default descending order the last axis (x) gets only the lowest ones, and on an 8-wide grid its positions turn
-    by under 0.03 rad: the model cannot tell columns apart. Here the frequencies, highest first, are dealt
-    round-robin to the axes that still have room, and each axis's share fills its block.
-    """
-    order = torch.argsort(inv_freq, descending=True).tolist()
+def interleaved_order(section: list[int]) -> list[int]:
+    """Indices into RoPE frequencies sorted highest first, so that axis a's block (sizes `section`) gets every
+    third one: the frequencies are dealt round-robin to the axes that still have room."""
     shares: list[list[int]] = [[] for _ in section]
     axis = 0
-    for idx in order:
+    for rank in range(sum(section)):
         while len(shares[axis]) == section[axis]:
             axis = (axis + 1) % len(section)
-        shares[axis].append(idx)
+        shares[axis].append(rank)
         axis = (axis + 1) % len(section)
-    return inv_freq[torch.tensor([i for share in shares for i in share])]
+    return [rank for share in shares for rank in share]
+
+
+def interleaved_inv_freq(inv_freq: torch.Tensor, section: list[int]) -> torch.Tensor:
+    """Default RoPE frequencies (highest first) reordered by `interleaved_order`.
+
+    Qwen2.5-VL's rotary embedding gives axis a the frequencies in block a of `inv_freq` (sizes `section`); in the
+    default order the last axis (x) gets only the lowest ones, and on an 8-wide grid its positions turn by under
+    0.03 rad: the model cannot tell columns apart. Reads no values, so it also works on the meta device.
+    """
+    return inv_freq[torch.tensor(interleaved_order(section), device=inv_freq.device)]
+
+
+class InterleavedRotaryEmbedding(Qwen2_5_VLRotaryEmbedding):
+    """Qwen2.5-VL's multimodal rotary embedding with `interleaved_inv_freq`. The order lives in the frequency
+    function itself, so transformers' own re-initialisation of the buffer (AutoModel.from_pretrained) keeps it."""
+
+    @staticmethod
+    def compute_default_rope_parameters(config, *args, **kwargs) -> tuple[torch.Tensor, float]:
+        inv_freq, scaling = Qwen2_5_VLRotaryEmbedding.compute_default_rope_parameters(config, *args, **kwargs)
+        return interleaved_inv_freq(inv_freq, config.rope_parameters["mrope_section"]), scaling
 
 
 def text_config(cfg: NextScaleConfig) -> Qwen2_5_VLTextConfig:
@@ -117,10 +131,8 @@ class NextScaleBody:
         self.text_config = text_config(cfg)
         hidden = cfg.backbone.hidden_size
         self.backbone = Qwen2_5_VLTextModel(self.text_config)
-        if cfg.backbone.rope_interleave:  # a non-persistent buffer: set at every build, never saved
-            rotary = self.backbone.rotary_emb
-            rotary.inv_freq = interleaved_inv_freq(rotary.inv_freq, rotary.mrope_section)
-            rotary.original_inv_freq = rotary.inv_freq.clone()
+        if cfg.backbone.rope_interleave:  # no weights: the frequencies are a non-persistent buffer
+            self.backbone.rotary_emb = InterleavedRotaryEmbedding(self.text_config)
         self.lm_head = nn.Linear(hidden, cfg.vocab_size, bias=False)
         if cfg.backbone.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embed_tokens.weight

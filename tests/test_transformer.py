@@ -112,3 +112,18 @@ def test_left_padding_does_not_change_logits(model, vq):
         batched = teacher_forced_logits(model, vq, [PROMPTS[1], PROMPTS[2]], [torch.cat([c, c]) for c in codes], 4)
     assert (alone[0] - batched[0]).abs().max() < 1e-4
     assert left_pad([[1, 2], [3]], 0)[0].tolist() == [[1, 2], [0, 3]]
+
+
+def test_interleaved_rope_survives_automodel_loading(tmp_path):
+    """transformers re-initialises the rotary buffer when it loads a model: the interleaved order must survive."""
+    import policy  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModel
+
+    cfg = NextScaleConfig(backbone=BackboneConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=1, rope_interleave=True),
+                          schedule=SCHED, text_vocab_size=30, num_codes=64, code_dim=16)
+    model = NextScaleLM(cfg)
+    model.save_pretrained(tmp_path)
+    expected = interleaved_inv_freq(1.0 / 10000 ** (torch.arange(0, 32, 2).float() / 32), [4, 6, 6])
+    for loaded in (AutoModel.from_pretrained(tmp_path), NextScaleLM.from_pretrained(tmp_path)):
+        assert torch.allclose(loaded.backbone.rotary_emb.inv_freq, expected)
