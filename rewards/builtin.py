@@ -14,7 +14,7 @@ from rewards.base import Batch
 from shapes.verifier import JUDGES, partial_credit, score
 from rewards.wire import batch_to_json, post_json
 
-CHECKS = ("object", "colour", "count", "two-object", "position", "all")  # every check the verifier can report
+CHECKS = ("object", "colour", "count", "two-object", "position", "only", "all")  # every check it can report
 
 
 def shapes_metadata(specs: list[Spec]) -> list[dict]:
@@ -25,23 +25,24 @@ def shapes_metadata(specs: list[Spec]) -> list[dict]:
 class VerifierReward:
     """GenEval-style verifier against metadata["spec"]: "partial" = fraction of checks passed, "strict" = all.
 
-    Sub-scores: each check (object, colour, count, two-object, position, all) as 0/1, NaN where it does not apply.
-    `judge`: the shape classifier, "fill" (bounding-box fill ratio) or "template" (stricter template IoU).
+    Sub-scores: each check (object, colour, count, two-object, position, only, all) as 0/1, NaN where it does not
+    apply. `judge`: the shape classifier, "fill" (bounding-box fill ratio) or "template" (stricter template IoU).
+    `exclusive`: also check that nothing but the objects asked is drawn ("only"; shapes.verifier.score).
     """
 
-    def __init__(self, mode: str = "partial", judge: str = "fill"):
+    def __init__(self, mode: str = "partial", judge: str = "fill", exclusive: bool = False):
         if mode not in ("partial", "strict"):
             raise ValueError(f"mode must be 'partial' or 'strict', got {mode!r}")
         if judge not in JUDGES:
             raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {judge!r}")
-        self.mode, self.judge = mode, judge
+        self.mode, self.judge, self.exclusive = mode, judge, bool(exclusive)
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict:
         checks = []
         for i, (img, meta) in enumerate(zip(images, metadata)):
             if "spec" not in meta:
                 raise ValueError(f"metadata {i} has no 'spec'")
-            checks.append(score(img, Spec.from_json(meta["spec"]), self.judge))
+            checks.append(score(img, Spec.from_json(meta["spec"]), self.judge, self.exclusive))
         main = [partial_credit(c) if self.mode == "partial" else float(c["all"]) for c in checks]
         return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in CHECKS}}
 

@@ -169,10 +169,13 @@ def _matches(blob: Blob, shape: str, colour: str | None) -> bool:
     return blob.shape == shape and (colour is None or blob.colour == colour)
 
 
-def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str] = "fill") -> dict[str, bool]:
+def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str] = "fill",
+          exclusive: bool = False) -> dict[str, bool]:
     """Per-check results for one image; key "all" is the strict verdict (every check passed).
 
     `judge`: "fill" (the bounding-box fill ratio, the training reward) or "template" (template IoU).
+    `exclusive` adds the check "only": the image holds no blob beyond the objects asked (GenEval's checks ignore
+    extra objects, so a policy can pass them by splashing many blobs and hoping one matches).
     """
     blobs = detect(image, judge)
     checks: dict[str, bool] = {}
@@ -189,6 +192,8 @@ def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str
         checks["position"] = bool(a and c) and all(
             relation_holds(spec.relation, x.centre, y.centre) for x in a for y in c
         )
+    if exclusive:
+        checks["only"] = len(blobs) == sum(o.count for o in objs)
     checks["all"] = all(checks.values())
     return checks
 

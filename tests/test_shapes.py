@@ -167,3 +167,17 @@ def test_judge_parameter():
     assert VerifierReward(judge="template")(img[None], ["x"], [{"spec": spec.to_json()}])["score"] == [1.0]
     with pytest.raises(ValueError, match="judge"):
         VerifierReward(judge="nope")
+
+
+def test_exclusive_check_fails_extra_objects(scenes):
+    """GenEval's checks ignore extra objects; `exclusive` adds "only" (nothing drawn but the objects asked)."""
+    spec = Spec("object", (ObjectSpec("circle"),))
+    img = np.full((64, 64, 3), 245, dtype=np.uint8)
+    img[shape_mask("circle", 16, 16, 16)] = (220, 40, 40)
+    assert score(img, spec, exclusive=True) == {"object": True, "count": True, "only": True, "all": True}
+    img[shape_mask("square", 48, 48, 16)] = (40, 40, 220)                   # a stray square beside the circle
+    assert score(img, spec)["all"] and not score(img, spec, exclusive=True)["all"]
+    assert score(img, spec, exclusive=True)["only"] is False
+    reward = VerifierReward(mode="partial", exclusive=True)(img[None], ["a circle"], [{"spec": spec.to_json()}])
+    assert reward["score"] == [2 / 3] and reward["only"] == [0.0]                 # object, count pass; only fails
+    assert sum(score(img, spec, exclusive=True)["all"] for spec, img in scenes) >= 990   # clean scenes still pass

@@ -33,29 +33,8 @@ def test_shipped_tokenizer_reconstructions_pass_the_verifier():
 
 
 def test_shipped_base_policy_draws_shapes():
-    """The shipped policy's held-out strict score (480 images) is clearly above 0 and below 0.5 (room for RL);
-    object, colour and two-object prompts pass sometimes. (Issue 11 asks 0.15-0.50 with count > 0: this build has
-    0.115 and count 0; see README, "The shipped base".)"""
+    """Issue 11's base: the shipped policy's held-out strict score (480 images, 96 per category) lies in 0.15-0.50
+    (good enough to draw, room for RL), and every category but position passes sometimes."""
     sft = json.loads((SHIPPED / "eval.json").read_text())["sft"]
-    assert sft["num_images"] >= 480 and sft["ci"]["overall"][0] > 0.05 and sft["overall"] <= 0.5
-    assert all(sft[c] > 0 for c in ("object", "colour", "two-object"))
-
-
-def test_shipped_clip_loads_in_open_clip():
-    model = open_clip.create_model(f"local-dir:{SHIPPED / 'clip'}")
-    tok = open_clip.get_tokenizer(f"local-dir:{SHIPPED / 'clip'}")
-    with torch.no_grad():
-        text = model.encode_text(tok(["a red circle", "a blue square"]))
-    assert text.shape[0] == 2 and torch.isfinite(text).all()
-
-
-def test_rl_eval_command_scores_per_category(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "rl", "eval", str(SHIPPED / "policy"), "images_per_category=4",
-                           f"out_dir={tmp_path}"], cwd=SHIPPED.parents[1], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    scores = json.loads((tmp_path / "scores.json").read_text())
-    assert {"overall", "partial", "object", "colour", "count", "two-object", "position"} <= set(scores)
-    assert (tmp_path / "samples.png").exists() and "held-out verifier score" in proc.stdout
+    assert sft["num_images"] >= 480 and 0.15 <= sft["overall"] <= 0.5
+    assert all(sft[c] > 0 for c in ("object", "colour", "count", "two-object"))
