@@ -108,3 +108,17 @@ def test_learner_memory_estimate_by_hand_and_against_the_tensors():
     with torch.no_grad():
         logits = teacher_forced_logits(model, vq, text, codes, 3)
     assert logits.numel() * 10 == est["logits"]                                  # bf16 + fp32 copy + log-softmax
+
+
+def test_rl_noise_arms_and_window():
+    """benchmarks/rl_noise.py: shuffled advantages are a permutation of the real ones, negated their negation;
+    the window pools 0/1 rewards with a Wilson interval (hand-worked: 3 of 8)."""
+    from rl_noise import arm_advantages, window
+
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5, 2.0, -2.0, 0.0, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    shuffled = arm_advantages(adv, "shuffled", gen)
+    assert torch.equal(shuffled.sort().values, adv.sort().values) and not torch.equal(shuffled, adv)
+    assert torch.equal(arm_advantages(adv, "negated", gen), -adv) and torch.equal(arm_advantages(adv, "real", gen), adv)
+    rate, lo, hi = window([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], 0, 2)
+    assert rate == 3 / 8 and lo < 3 / 8 < hi and abs(lo - 0.1368) < 1e-3 and abs(hi - 0.6944) < 1e-3

@@ -1,0 +1,165 @@
+"""Signal or noise? The prefix-GRPO update on the shipped policy with real, shuffled and negated advantages.
+
+    .venv/bin/python benchmarks/rl_noise.py [--steps 80] [--lr 1e-4] [--arms real,shuffled,negated]
+                                            [--lora R] [--beta B] [--cfg W] [--optimizer adam|sgd] [--tag NAME]
+
+A Ray-free loop over the same pure pieces the learner actor runs (policy.sampler.sample, the strict verifier,
+rl.grpo.group_advantages, rl.update.micro_step): P prompts x G samples per step from the training stream
+(balanced by category), one optimiser step per batch (on-policy: the first-pass ratio is 1). Every arm starts
+from the shipped policy and sees the same prompts and sampling seeds; only the advantages differ:
+- real: the group-normalised advantages;
+- shuffled: the same values permuted across the batch (zero-mean noise of the same size and distribution);
+- negated: -real (the update pushes the reward down).
+If "real" falls like "shuffled", the update's noise outweighs its signal at this learning rate and batch size.
+Writes benchmarks/results/rl_noise[_TAG].{json,md,png}: the training reward per step of each arm.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import OUT, TINY_POLICY, write_result
+from core.settings import LoraSettings, SampleConfig
+from policy.evaluate import wilson_interval
+from policy.io import Policy
+from policy.optim import configure_optimizers
+from policy.sampler import sample
+from policy.weights import apply_lora
+from rl.config import GRPOLossConfig, PromptsConfig
+from rl.grpo import group_advantages
+from rl.prompts import load_prompts, prompts_at
+from rl.update import PrefixScorer, TrainBatch, micro_step, prefix_of
+from shapes.verifier import score
+from shapes.world import Spec
+
+ARMS = {"real": 1.0, "shuffled": 1.0, "negated": -1.0}
+
+
+def arm_advantages(adv: torch.Tensor, arm: str, gen: torch.Generator) -> torch.Tensor:
+    """(B,) advantages of an arm: real, shuffled (a seeded permutation of the same values) or negated."""
+    if arm == "shuffled":
+        return adv[torch.randperm(len(adv), generator=gen)]
+    return adv * ARMS[arm]
+
+
+def setup(args) -> tuple:
+    """The shipped policy (LoRA on request), its scorer, a frozen reference scorer (beta > 0) and the optimiser."""
+    policy = Policy.load(TINY_POLICY)
+    model = policy.model
+    if args.lora:
+        model = apply_lora(model, LoraSettings(r=args.lora, alpha=2.0 * args.lora))
+    scorer = PrefixScorer(model, policy.vq, args.m)
+    ref = PrefixScorer(copy.deepcopy(model).eval(), policy.vq, args.m) if args.beta else None
+    opt = (configure_optimizers(scorer, args.lr) if args.optimizer == "adam"
+           else torch.optim.SGD([p for p in scorer.parameters() if p.requires_grad], lr=args.lr))
+    return policy, scorer, ref, opt
+
+
+def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args) -> tuple:
+    """One step's P x G samples (seeded by step): the train batch without advantages, and the strict rewards."""
+    picked = prompts_at(items, 0, step * args.prompts, args.prompts, balance="category")
+    text = [ids for ids in policy.encode_prompts([p for p, _ in picked]) for _ in range(args.group)]
+    seeds = [step * 100_000 + i for i in range(len(text))]
+    cfg = SampleConfig(cfg_scale=args.cfg, guidance_schedule="linear", top_k=args.top_k, top_p=args.top_p)
+    scorer.model.eval()
+    with torch.no_grad():
+        out = sample(scorer.model, policy.vq, text, seeds, cfg, m=args.m)
+    images = (out.images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    specs = [Spec.from_json(meta["spec"]) for _, meta in picked for _ in range(args.group)]
+    rewards = torch.tensor([float(score(img, spec)["all"]) for img, spec in zip(images, specs)])
+    return text, out, rewards
+
+
+def run_arm(arm: str, items: list, args) -> dict:
+    """Train one arm for args.steps steps; its reward per step (mean over P x G) and the update's metrics."""
+    torch.manual_seed(args.seed)
+    policy, scorer, ref_scorer, opt = setup(args)
+    prefix, loss_cfg = prefix_of(policy.model.schedule, args.m, args.alpha), GRPOLossConfig(beta=args.beta)
+    gen = torch.Generator().manual_seed(args.seed)
+    rewards, kls = [], []
+    for step in tqdm(range(args.steps), desc=arm, leave=False):
+        text, out, r = rollout(policy, scorer, items, step, args)
+        adv = arm_advantages(group_advantages(r.view(args.prompts, args.group)).reshape(-1), arm, gen)
+        batch = TrainBatch(text, list(out.codes[: args.m]), out.logprobs.float(), adv.float())
+        ref = ref_scorer(batch.text_ids, batch.codes)[0].detach() if ref_scorer is not None else None
+        scorer.model.train()
+        opt.zero_grad()
+        loss, metrics = micro_step(scorer, batch, prefix, loss_cfg, ref, first_pass=True)
+        loss.backward()
+        opt.step()
+        rewards.append(r.tolist())
+        kls.append(metrics.get("kl_ref", float("nan")))
+    return {"arm": arm, "rewards": rewards, "kl_ref": kls}
+
+
+def window(rewards: list[list[float]], lo: int, hi: int) -> tuple[float, float, float]:
+    """Pooled strict reward of steps lo..hi-1 with its 95% Wilson interval (the samples are 0/1)."""
+    xs = [x for step in rewards[lo:hi] for x in step]
+    k = int(round(sum(xs)))
+    return (k / len(xs), *wilson_interval(k, len(xs)))
+
+
+def table(results: list[dict], args) -> str:
+    w = min(10, args.steps // 2)
+    lines = [f"Ray-free prefix-GRPO on the shipped policy: {args.steps} steps of {args.prompts} prompts x G = "
+             f"{args.group}, {args.optimizer} lr {args.lr:g}, m = {args.m}, CFG {args.cfg:g}"
+             + (f", LoRA r = {args.lora}" if args.lora else "") + (f", KL beta {args.beta:g}" if args.beta else "")
+             + f"; training strict reward (95% Wilson) over the first and last {w} steps "
+             f"({w * args.prompts * args.group} samples each).", "",
+             "| advantages | first steps | last steps | change |", "|---|---|---|---|"]
+    for res in results:
+        a, b = window(res["rewards"], 0, w), window(res["rewards"], args.steps - w, args.steps)
+        lines.append(f"| {res['arm']} | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] "
+                     f"| {b[0] - a[0]:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for res in results:
+        means = [float(np.mean(r)) for r in res["rewards"]]
+        smooth = [float(np.mean(means[max(0, i - 9): i + 1])) for i in range(len(means))]
+        ax.plot(smooth, label=res["arm"])
+    ax.set(xlabel="step", ylabel="training strict reward (10-step mean)", title="signal or noise")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--arms", default="real,shuffled,negated")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: all weights)")
+    ap.add_argument("--beta", type=float, default=0.0, help="KL weight towards the starting policy")
+    ap.add_argument("--cfg", type=float, default=3.0, help="rollout guidance (linear schedule); 1: on-policy")
+    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=0.7)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    items = load_prompts(PromptsConfig(split="train"))
+    results = [run_arm(arm, items, args) for arm in args.arms.split(",")]
+    name = "rl_noise" + (f"_{args.tag}" if args.tag else "")
+    write_result(name, {"args": vars(args), "results": results}, table(results, args))
+    plot(results, OUT / f"{name}.png")
+
+
+if __name__ == "__main__":
+    main()
