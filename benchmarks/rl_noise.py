@@ -26,6 +26,7 @@ from tqdm import tqdm
 from common import OUT, TINY_POLICY, write_result
 from core.settings import LoraSettings, SampleConfig
 from policy.evaluate import wilson_interval
+from policy.images import to_uint8
 from policy.io import Policy
 from policy.optim import configure_optimizers
 from policy.sampler import sample
@@ -69,7 +70,7 @@ def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args) 
     scorer.model.eval()
     with torch.no_grad():
         out = sample(scorer.model, policy.vq, text, seeds, cfg, m=args.m)
-    images = (out.images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    images = to_uint8(out.images)
     specs = [Spec.from_json(meta["spec"]) for _, meta in picked for _ in range(args.group)]
     rewards = torch.tensor([float(score(img, spec)["all"]) for img, spec in zip(images, specs)])
     return text, out, rewards

@@ -44,7 +44,8 @@ class VerifierReward:
                 raise ValueError(f"metadata {i} has no 'spec'")
             checks.append(score(img, Spec.from_json(meta["spec"]), self.judge, self.exclusive))
         main = [partial_credit(c) if self.mode == "partial" else float(c["all"]) for c in checks]
-        return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in CHECKS}}
+        keys = CHECKS if self.exclusive else [k for k in CHECKS if k != "only"]   # "only" exists only when asked
+        return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in keys}}
 
 
 def colour_fraction(images: np.ndarray, rgb: tuple[int, int, int], max_dist: float = 90.0) -> np.ndarray:

@@ -180,4 +180,5 @@ def test_exclusive_check_fails_extra_objects(scenes):
     assert score(img, spec, exclusive=True)["only"] is False
     reward = VerifierReward(mode="partial", exclusive=True)(img[None], ["a circle"], [{"spec": spec.to_json()}])
     assert reward["score"] == [2 / 3] and reward["only"] == [0.0]                 # object, count pass; only fails
+    assert "only" not in VerifierReward(mode="partial")(img[None], ["a circle"], [{"spec": spec.to_json()}])
     assert sum(score(img, spec, exclusive=True)["all"] for spec, img in scenes) >= 990   # clean scenes still pass
