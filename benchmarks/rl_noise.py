@@ -1,17 +1,25 @@
 """Signal or noise? The prefix-GRPO update on the shipped policy with real, shuffled and negated advantages.
 
-    .venv/bin/python benchmarks/rl_noise.py [--steps 80] [--lr 1e-4] [--arms real,shuffled,negated]
-                                            [--lora R] [--beta B] [--cfg W] [--optimizer adam|sgd] [--tag NAME]
+    .venv/bin/python benchmarks/rl_noise.py [--steps 80] [--lr 1e-4] [--arms real,shuffled,negated,positive]
+                                            [--lora R] [--beta B] [--cfg W] [--optimizer adam|sgd] [--m M]
+                                            [--reward strict|demo] [--eval] [--tag NAME]
 
 A Ray-free loop over the same pure pieces the learner actor runs (policy.sampler.sample, the strict verifier,
 rl.grpo.group_advantages, rl.update.micro_step): P prompts x G samples per step from the training stream
 (balanced by category), one optimiser step per batch (on-policy: the first-pass ratio is 1). Every arm starts
 from the shipped policy and sees the same prompts and sampling seeds; only the advantages differ:
 - real: the group-normalised advantages;
-- shuffled: the same values permuted across the batch (zero-mean noise of the same size and distribution);
-- negated: -real (the update pushes the reward down).
+- shuffled: the same values permuted across the batch (noise of the same size; zero-mean over the batch, not
+  per group);
+- negated: -real (the update pushes the reward down);
+- positive: max(real, 0) (only the better-than-average samples are pushed up: filtered self-imitation; not
+  centred, so with guided rollouts it also pulls the policy towards its own guided samples).
 If "real" falls like "shuffled", the update's noise outweighs its signal at this learning rate and batch size.
-Writes benchmarks/results/rl_noise[_TAG].{json,md,png}: the training reward per step of each arm.
+`--reward demo` trains on the demo's reward (exclusive strict + 0.25 x exclusive partial credit) instead of the
+strict verdict; the windows always show the strict verdict. `--eval` scores each arm's final policy on the fixed
+held-out set (policy.evaluate: 480 images) against the shipped policy on the same (prompt, seed) pairs.
+Writes benchmarks/results/rl_noise[_TAG].{json,md,png}: the training reward per step of each arm, the KL to the
+starting policy (k3, per token, when --beta > 0) and the held-out change.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from tqdm import tqdm
 
 from common import OUT, TINY_POLICY, write_result
 from core.settings import LoraSettings, SampleConfig
-from policy.evaluate import wilson_interval
+from policy.evaluate import EvalConfig, evaluate, paired_difference, wilson_interval
 from policy.images import to_uint8
 from policy.io import Policy
 from policy.optim import configure_optimizers
@@ -35,17 +43,19 @@ from rl.config import GRPOLossConfig, PromptsConfig
 from rl.grpo import group_advantages
 from rl.prompts import load_prompts, prompts_at
 from rl.update import PrefixScorer, TrainBatch, micro_step, prefix_of
-from shapes.verifier import score
+from shapes.verifier import partial_credit, score
 from shapes.world import Spec
 
-ARMS = {"real": 1.0, "shuffled": 1.0, "negated": -1.0}
+ARMS = ("real", "shuffled", "negated", "positive")
 
 
 def arm_advantages(adv: torch.Tensor, arm: str, gen: torch.Generator) -> torch.Tensor:
-    """(B,) advantages of an arm: real, shuffled (a seeded permutation of the same values) or negated."""
+    """(B,) advantages of an arm: real, shuffled (a seeded permutation of the same values), negated or positive."""
+    if arm not in ARMS:
+        raise ValueError(f"arms: {arm!r} is not one of {ARMS}")
     if arm == "shuffled":
         return adv[torch.randperm(len(adv), generator=gen)]
-    return adv * ARMS[arm]
+    return {"real": adv, "negated": -adv, "positive": adv.clamp(min=0)}[arm]
 
 
 def setup(args) -> tuple:
@@ -61,19 +71,30 @@ def setup(args) -> tuple:
     return policy, scorer, ref, opt
 
 
+def train_reward(image: np.ndarray, spec: Spec, kind: str) -> float:
+    """The reward the update sees: the strict verdict, or the demo's (exclusive strict + 0.25 x partial credit)."""
+    if kind == "strict":
+        return float(score(image, spec)["all"])
+    checks = score(image, spec, exclusive=True)
+    return float(checks["all"]) + 0.25 * partial_credit(checks)
+
+
 def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args) -> tuple:
-    """One step's P x G samples (seeded by step): the train batch without advantages, and the strict rewards."""
+    """One step's P x G samples (seeded by step): the train batch without advantages, the strict verdicts and the
+    training rewards."""
     picked = prompts_at(items, 0, step * args.prompts, args.prompts, balance="category")
     text = [ids for ids in policy.encode_prompts([p for p, _ in picked]) for _ in range(args.group)]
-    seeds = [step * 100_000 + i for i in range(len(text))]
+    seeds = [args.seed * 10_000_000 + step * 100_000 + i for i in range(len(text))]  # seed 0: as before
     cfg = SampleConfig(cfg_scale=args.cfg, guidance_schedule="linear", top_k=args.top_k, top_p=args.top_p)
     scorer.model.eval()
     with torch.no_grad():
         out = sample(scorer.model, policy.vq, text, seeds, cfg, m=args.m)
     images = to_uint8(out.images)
     specs = [Spec.from_json(meta["spec"]) for _, meta in picked for _ in range(args.group)]
-    rewards = torch.tensor([float(score(img, spec)["all"]) for img, spec in zip(images, specs)])
-    return text, out, rewards
+    strict = torch.tensor([float(score(img, spec)["all"]) for img, spec in zip(images, specs)])
+    rewards = strict if args.reward == "strict" else torch.tensor(
+        [train_reward(img, spec, args.reward) for img, spec in zip(images, specs)])
+    return text, out, strict, rewards
 
 
 def run_arm(arm: str, items: list, args) -> dict:
@@ -82,9 +103,10 @@ def run_arm(arm: str, items: list, args) -> dict:
     policy, scorer, ref_scorer, opt = setup(args)
     prefix, loss_cfg = prefix_of(policy.model.schedule, args.m, args.alpha), GRPOLossConfig(beta=args.beta)
     gen = torch.Generator().manual_seed(args.seed)
+    before = held_out(policy, "before") if args.eval else None
     rewards, kls = [], []
     for step in tqdm(range(args.steps), desc=arm, leave=False):
-        text, out, r = rollout(policy, scorer, items, step, args)
+        text, out, strict, r = rollout(policy, scorer, items, step, args)
         adv = arm_advantages(group_advantages(r.view(args.prompts, args.group)).reshape(-1), arm, gen)
         batch = TrainBatch(text, list(out.codes[: args.m]), out.logprobs.float(), adv.float())
         ref = ref_scorer(batch.text_ids, batch.codes)[0].detach() if ref_scorer is not None else None
@@ -93,9 +115,26 @@ def run_arm(arm: str, items: list, args) -> dict:
         loss, metrics = micro_step(scorer, batch, prefix, loss_cfg, ref, first_pass=True)
         loss.backward()
         opt.step()
-        rewards.append(r.tolist())
+        rewards.append(strict.tolist())
         kls.append(metrics.get("kl_ref", float("nan")))
-    return {"arm": arm, "rewards": rewards, "kl_ref": kls}
+    scorer.model.eval()
+    after = held_out(policy, "after") if args.eval else None
+    return {"arm": arm, "rewards": rewards, "kl_ref": kls, **held_out_change(before, after)}
+
+
+def held_out(policy: Policy, desc: str) -> list[dict]:
+    """Per-image verdicts of the policy on the fixed held-out set (policy.evaluate's 480 images)."""
+    return evaluate(policy, EvalConfig(), desc=desc)[2]
+
+
+def held_out_change(before: list[dict] | None, after: list[dict] | None) -> dict:
+    """Held-out strict rate before and after, and the paired change (same prompt and seed per image)."""
+    if before is None:
+        return {}
+    b, a = [r["strict"] for r in before], [r["strict"] for r in after]
+    return {"held_out": [float(np.mean(b)), float(np.mean(a))], "paired": paired_difference(b, a),
+            "held_out_strict": {"before": b, "after": a},
+            "template_paired": paired_difference([r["template"] for r in before], [r["template"] for r in after])}
 
 
 def window(rewards: list[list[float]], lo: int, hi: int) -> tuple[float, float, float]:
@@ -106,17 +145,27 @@ def window(rewards: list[list[float]], lo: int, hi: int) -> tuple[float, float, 
 
 
 def table(results: list[dict], args) -> str:
-    w = min(10, args.steps // 2)
+    w = min(args.window, args.steps // 2)
     lines = [f"Ray-free prefix-GRPO on the shipped policy: {args.steps} steps of {args.prompts} prompts x G = "
-             f"{args.group}, {args.optimizer} lr {args.lr:g}, m = {args.m}, CFG {args.cfg:g}"
+             f"{args.group}, {args.optimizer} lr {args.lr:g}, m = {args.m}, CFG {args.cfg:g}, {args.reward} reward"
              + (f", LoRA r = {args.lora}" if args.lora else "") + (f", KL beta {args.beta:g}" if args.beta else "")
              + f"; training strict reward (95% Wilson) over the first and last {w} steps "
-             f"({w * args.prompts * args.group} samples each).", "",
-             "| advantages | first steps | last steps | change |", "|---|---|---|---|"]
+             f"({w * args.prompts * args.group} samples each); KL to the starting policy per token (k3) after the "
+             f"first update and at the last step"
+             + ("; held-out strict (480 images) before -> after, paired change (95%)" if args.eval else "") + ".", "",
+             "| advantages | first steps | last steps | change | KL after 1 step | KL at the end |"
+             + (" held-out | paired change | template judge |" if args.eval else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|" if args.eval else "")]
     for res in results:
         a, b = window(res["rewards"], 0, w), window(res["rewards"], args.steps - w, args.steps)
-        lines.append(f"| {res['arm']} | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] "
-                     f"| {b[0] - a[0]:+.3f} |")
+        kl = res["kl_ref"]
+        row = (f"| {res['arm']} | {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}] | {b[0]:.3f} [{b[1]:.3f}, {b[2]:.3f}] "
+               f"| {b[0] - a[0]:+.3f} | {kl[min(1, len(kl) - 1)]:.3g} | {kl[-1]:.3g} |")
+        if "paired" in res:
+            p, t = res["paired"], res["template_paired"]
+            row += (f" {res['held_out'][0]:.3f} -> {res['held_out'][1]:.3f} | {p['diff']:+.3f} [{p['ci'][0]:+.3f}, "
+                    f"{p['ci'][1]:+.3f}] | {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] |")
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +201,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.7)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the rollouts (a new sample stream) and the shuffles")
+    ap.add_argument("--reward", choices=["strict", "demo"], default="strict",
+                    help="strict verdict, or the demo's exclusive strict + 0.25 x partial credit")
+    ap.add_argument("--eval", action="store_true", help="paired held-out evaluation of each arm's final policy")
+    ap.add_argument("--window", type=int, default=10, help="steps pooled at the start and at the end")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     items = load_prompts(PromptsConfig(split="train"))

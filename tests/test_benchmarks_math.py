@@ -110,6 +110,21 @@ def test_learner_memory_estimate_by_hand_and_against_the_tensors():
     assert logits.numel() * 10 == est["logits"]                                  # bf16 + fp32 copy + log-softmax
 
 
+def test_rl_noise_demo_reward_is_exclusive_strict_plus_quarter_partial():
+    """benchmarks/rl_noise.py --reward demo: exclusive strict + 0.25 x partial credit (the demo config's mix),
+    hand-worked on a circle alone (1 + 0.25) and a circle with a stray square (0 + 0.25 x 2/3)."""
+    import numpy as np
+    from rl_noise import train_reward
+    from shapes.world import ObjectSpec, Spec, shape_mask
+
+    spec = Spec("object", (ObjectSpec("circle"),))
+    img = np.full((64, 64, 3), 245, dtype=np.uint8)
+    img[shape_mask("circle", 16, 16, 16)] = (220, 40, 40)
+    assert train_reward(img, spec, "demo") == 1.25 and train_reward(img, spec, "strict") == 1.0
+    img[shape_mask("square", 48, 48, 16)] = (40, 40, 220)
+    assert train_reward(img, spec, "demo") == pytest.approx(0.25 * 2 / 3) and train_reward(img, spec, "strict") == 1.0
+
+
 def test_rl_noise_arms_and_window():
     """benchmarks/rl_noise.py: shuffled advantages are a permutation of the real ones, negated their negation;
     the window pools 0/1 rewards with a Wilson interval (hand-worked: 3 of 8)."""
@@ -120,5 +135,8 @@ def test_rl_noise_arms_and_window():
     shuffled = arm_advantages(adv, "shuffled", gen)
     assert torch.equal(shuffled.sort().values, adv.sort().values) and not torch.equal(shuffled, adv)
     assert torch.equal(arm_advantages(adv, "negated", gen), -adv) and torch.equal(arm_advantages(adv, "real", gen), adv)
+    assert arm_advantages(adv, "positive", gen).tolist() == [1.5, 0, 0, 0, 2.0, 0, 0, 0]
+    with pytest.raises(ValueError, match="arms: 'noisy'"):
+        arm_advantages(adv, "noisy", gen)
     rate, lo, hi = window([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], 0, 2)
     assert rate == 3 / 8 and lo < 3 / 8 < hi and abs(lo - 0.1368) < 1e-3 and abs(hi - 0.6944) < 1e-3
