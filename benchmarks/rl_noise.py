@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/rl_noise.py [--steps 80] [--lr 1e-4] [--arms real,shuffled,negated,positive]
                                             [--lora R] [--beta B] [--cfg W] [--optimizer adam|sgd] [--m M]
                                             [--reward strict|demo] [--eval] [--tag NAME]
+    .venv/bin/python benchmarks/rl_noise.py --pool TAG [TAG ...]     # pooled held-out change of --eval runs
 
 A Ray-free loop over the same pure pieces the learner actor runs (policy.sampler.sample, the strict verifier,
 rl.grpo.group_advantages, rl.update.micro_step): P prompts x G samples per step from the training stream
@@ -25,13 +26,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import OUT, TINY_POLICY, write_result
+from common import OUT, ROOT, TINY_POLICY, write_result
+from core.config import load_config
 from core.settings import LoraSettings, SampleConfig
 from policy.evaluate import EvalConfig, evaluate, paired_difference, wilson_interval
 from policy.images import to_uint8
@@ -39,14 +43,18 @@ from policy.io import Policy
 from policy.optim import configure_optimizers
 from policy.sampler import sample
 from policy.weights import apply_lora
-from rl.config import GRPOLossConfig, PromptsConfig
+from rewards.base import Batch
+from rewards.builtin import shapes_metadata
+from rewards.combine import CombinedReward
+from rl.config import GRPOLossConfig, PromptsConfig, RunConfig
 from rl.grpo import group_advantages
 from rl.prompts import load_prompts, prompts_at
 from rl.update import PrefixScorer, TrainBatch, micro_step, prefix_of
-from shapes.verifier import partial_credit, score
-from shapes.world import Spec
+from shapes.verifier import score
+from shapes.world import Spec, caption
 
 ARMS = ("real", "shuffled", "negated", "positive")
+DEMO_CONFIG = ROOT / "configs" / "shapes-tiny.yaml"
 
 
 def arm_advantages(adv: torch.Tensor, arm: str, gen: torch.Generator) -> torch.Tensor:
@@ -71,17 +79,26 @@ def setup(args) -> tuple:
     return policy, scorer, ref, opt
 
 
-def train_reward(image: np.ndarray, spec: Spec, kind: str) -> float:
-    """The reward the update sees: the strict verdict, or the demo's (exclusive strict + 0.25 x partial credit)."""
+def strict_verdicts(images: np.ndarray, specs: list[Spec]) -> torch.Tensor:
+    """(B,) 0/1: the strict verifier's verdict of each image (the held-out metric's check)."""
+    return torch.tensor([float(score(img, spec)["all"]) for img, spec in zip(images, specs)])
+
+
+def reward_fn(kind: str) -> Callable[[np.ndarray, list[Spec]], torch.Tensor]:
+    """(images, specs) -> (B,) rewards the update sees: the strict verdict, or the demo's own reward (the rewards
+    section of configs/shapes-tiny.yaml run in-process by rewards.combine.CombinedReward, as its Serve replica
+    does: exclusive strict + 0.25 x exclusive partial credit)."""
     if kind == "strict":
-        return float(score(image, spec)["all"])
-    checks = score(image, spec, exclusive=True)
-    return float(checks["all"]) + 0.25 * partial_credit(checks)
+        return strict_verdicts
+    entries = load_config(RunConfig, DEMO_CONFIG, context={"check_paths": False}).rewards.rewards
+    combined = CombinedReward(entries)
+    return lambda images, specs: torch.from_numpy(
+        combined(Batch(images, [caption(s) for s in specs], shapes_metadata(specs))).total)
 
 
-def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args) -> tuple:
+def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args, reward) -> tuple:
     """One step's P x G samples (seeded by step): the train batch without advantages, the strict verdicts and the
-    training rewards."""
+    training rewards (`reward`, see reward_fn)."""
     picked = prompts_at(items, 0, step * args.prompts, args.prompts, balance="category")
     text = [ids for ids in policy.encode_prompts([p for p, _ in picked]) for _ in range(args.group)]
     seeds = [args.seed * 10_000_000 + step * 100_000 + i for i in range(len(text))]  # seed 0: as before
@@ -91,10 +108,8 @@ def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args) 
         out = sample(scorer.model, policy.vq, text, seeds, cfg, m=args.m)
     images = to_uint8(out.images)
     specs = [Spec.from_json(meta["spec"]) for _, meta in picked for _ in range(args.group)]
-    strict = torch.tensor([float(score(img, spec)["all"]) for img, spec in zip(images, specs)])
-    rewards = strict if args.reward == "strict" else torch.tensor(
-        [train_reward(img, spec, args.reward) for img, spec in zip(images, specs)])
-    return text, out, strict, rewards
+    strict = strict_verdicts(images, specs)
+    return text, out, strict, strict if args.reward == "strict" else reward(images, specs)
 
 
 def run_arm(arm: str, items: list, args) -> dict:
@@ -102,11 +117,11 @@ def run_arm(arm: str, items: list, args) -> dict:
     torch.manual_seed(args.seed)
     policy, scorer, ref_scorer, opt = setup(args)
     prefix, loss_cfg = prefix_of(policy.model.schedule, args.m, args.alpha), GRPOLossConfig(beta=args.beta)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen, reward = torch.Generator().manual_seed(args.seed), reward_fn(args.reward)
     before = held_out(policy, "before") if args.eval else None
     rewards, kls = [], []
     for step in tqdm(range(args.steps), desc=arm, leave=False):
-        text, out, strict, r = rollout(policy, scorer, items, step, args)
+        text, out, strict, r = rollout(policy, scorer, items, step, args, reward)
         adv = arm_advantages(group_advantages(r.view(args.prompts, args.group)).reshape(-1), arm, gen)
         batch = TrainBatch(text, list(out.codes[: args.m]), out.logprobs.float(), adv.float())
         ref = ref_scorer(batch.text_ids, batch.codes)[0].detach() if ref_scorer is not None else None
@@ -135,6 +150,16 @@ def held_out_change(before: list[dict] | None, after: list[dict] | None) -> dict
     return {"held_out": [float(np.mean(b)), float(np.mean(a))], "paired": paired_difference(b, a),
             "held_out_strict": {"before": b, "after": a},
             "template_paired": paired_difference([r["template"] for r in before], [r["template"] for r in after])}
+
+
+def pooled_change(tags: list[str]) -> dict:
+    """The paired held-out change of the first arm of several --eval runs (results/rl_noise_TAG.json), pooled over
+    all their images: paired_difference on the concatenated per-image strict verdicts."""
+    runs = [json.loads((OUT / f"rl_noise_{t}.json").read_text())["results"][0] for t in tags]
+    if any("held_out_strict" not in r for r in runs):
+        raise ValueError(f"pool: every run needs per-image verdicts (an --eval run); tags {tags}")
+    return paired_difference([x for r in runs for x in r["held_out_strict"]["before"]],
+                             [x for r in runs for x in r["held_out_strict"]["after"]])
 
 
 def window(rewards: list[list[float]], lo: int, hi: int) -> tuple[float, float, float]:
@@ -207,7 +232,13 @@ def main() -> None:
     ap.add_argument("--eval", action="store_true", help="paired held-out evaluation of each arm's final policy")
     ap.add_argument("--window", type=int, default=10, help="steps pooled at the start and at the end")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--pool", nargs="+", metavar="TAG", help="only pool the held-out change of these --eval runs")
     args = ap.parse_args()
+    if args.pool:
+        d = pooled_change(args.pool)
+        print(f"pooled held-out change over {d['n']} pairs: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] "
+              f"(gained {d['gained']}, lost {d['lost']})")
+        return
     items = load_prompts(PromptsConfig(split="train"))
     results = [run_arm(arm, items, args) for arm in args.arms.split(",")]
     name = "rl_noise" + (f"_{args.tag}" if args.tag else "")

@@ -111,18 +111,40 @@ def test_learner_memory_estimate_by_hand_and_against_the_tensors():
 
 
 def test_rl_noise_demo_reward_is_exclusive_strict_plus_quarter_partial():
-    """benchmarks/rl_noise.py --reward demo: exclusive strict + 0.25 x partial credit (the demo config's mix),
-    hand-worked on a circle alone (1 + 0.25) and a circle with a stray square (0 + 0.25 x 2/3)."""
+    """benchmarks/rl_noise.py --reward demo runs the demo config's own rewards (CombinedReward): exclusive strict +
+    0.25 x partial credit, hand-worked on a circle alone (1 + 0.25) and a circle with a stray square (0 + 0.25 x 2/3,
+    while the plain strict verdict still passes it)."""
     import numpy as np
-    from rl_noise import train_reward
+    from rl_noise import reward_fn
     from shapes.world import ObjectSpec, Spec, shape_mask
 
     spec = Spec("object", (ObjectSpec("circle"),))
-    img = np.full((64, 64, 3), 245, dtype=np.uint8)
-    img[shape_mask("circle", 16, 16, 16)] = (220, 40, 40)
-    assert train_reward(img, spec, "demo") == 1.25 and train_reward(img, spec, "strict") == 1.0
-    img[shape_mask("square", 48, 48, 16)] = (40, 40, 220)
-    assert train_reward(img, spec, "demo") == pytest.approx(0.25 * 2 / 3) and train_reward(img, spec, "strict") == 1.0
+    alone = np.full((64, 64, 3), 245, dtype=np.uint8)
+    alone[shape_mask("circle", 16, 16, 16)] = (220, 40, 40)
+    stray = alone.copy()
+    stray[shape_mask("square", 48, 48, 16)] = (40, 40, 220)
+    images = np.stack([alone, stray])
+    assert reward_fn("demo")(images, [spec, spec]).tolist() == pytest.approx([1.25, 0.25 * 2 / 3])
+    assert reward_fn("strict")(images, [spec, spec]).tolist() == [1.0, 1.0]
+
+
+def test_rl_noise_pools_the_per_image_verdicts(tmp_path, monkeypatch):
+    """--pool: the paired change over the concatenated images of several runs (hand-worked: 2 runs x 2 images,
+    d = +1, 0, 0, -1 and +1, +1, 0, 0 -> mean 2/8) equals paired_difference on all of them; a run without
+    per-image verdicts is a one-line error naming pool."""
+    import json
+    import rl_noise
+
+    monkeypatch.setattr(rl_noise, "OUT", tmp_path)
+    runs = {"a": ([0, 1, 1, 1], [1, 1, 1, 0]), "b": ([0, 0, 1, 0], [1, 1, 1, 0])}
+    for tag, (before, after) in runs.items():
+        res = {"results": [{"held_out_strict": {"before": before, "after": after}}]}
+        (tmp_path / f"rl_noise_{tag}.json").write_text(json.dumps(res))
+    d = rl_noise.pooled_change(["a", "b"])
+    assert d["diff"] == 2 / 8 and d["n"] == 8 and (d["gained"], d["lost"]) == (3, 1)
+    (tmp_path / "rl_noise_c.json").write_text(json.dumps({"results": [{"paired": {}}]}))
+    with pytest.raises(ValueError, match="^pool: "):
+        rl_noise.pooled_change(["a", "c"])
 
 
 def test_rl_noise_arms_and_window():
