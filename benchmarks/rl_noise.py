@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/rl_noise.py [--steps 80] [--lr 1e-4] [--arms real,shuffled,negated,positive]
                                             [--lora R] [--beta B] [--cfg W] [--optimizer adam|sgd] [--m M]
                                             [--reward strict|demo] [--eval] [--tag NAME]
+                                            [--split train|heldout] [--prompt TEXT ...] [--probe TEXT ...]
+                                            [--score conditional|guided]
     .venv/bin/python benchmarks/rl_noise.py --pool TAG [TAG ...]     # pooled held-out change of --eval runs
 
 A Ray-free loop over the same pure pieces the learner actor runs (policy.sampler.sample, the strict verifier,
@@ -19,6 +21,11 @@ If "real" falls like "shuffled", the update's noise outweighs its signal at this
 `--reward demo` trains on the demo's reward (exclusive strict + 0.25 x exclusive partial credit) instead of the
 strict verdict; the windows always show the strict verdict. `--eval` scores each arm's final policy on the fixed
 held-out set (policy.evaluate: 480 images) against the shipped policy on the same (prompt, seed) pairs.
+`--score guided` makes the loss score the CFG-guided distribution the rollouts sample (loss.score: guided).
+`--split heldout` trains on the held-out prompts themselves (an upper bound on what --eval can show);
+`--prompt TEXT` (repeatable) trains on only these prompts; `--probe TEXT` (repeatable) samples 128 images of each
+probe prompt from the starting and from each arm's final policy (same seeds; at the rollout settings and at the
+evaluation's, CFG 3) and reports the paired change: does what one prompt learns carry to its neighbours?
 Writes benchmarks/results/rl_noise[_TAG].{json,md,png}: the training reward per step of each arm, the KL to the
 starting policy (k3, per token, when --beta > 0) and the held-out change.
 """
@@ -49,7 +56,7 @@ from rewards.combine import CombinedReward
 from rl.config import GRPOLossConfig, PromptsConfig, RunConfig
 from rl.grpo import group_advantages
 from rl.prompts import load_prompts, prompts_at
-from rl.update import PrefixScorer, TrainBatch, micro_step, prefix_of
+from rl.update import PrefixScorer, TrainBatch, learner_old_logprobs, loss_guidance, micro_step, prefix_of
 from shapes.verifier import score
 from shapes.world import Spec, caption
 
@@ -66,14 +73,26 @@ def arm_advantages(adv: torch.Tensor, arm: str, gen: torch.Generator) -> torch.T
     return {"real": adv, "negated": -adv, "positive": adv.clamp(min=0)}[arm]
 
 
+def training_prompts(args) -> list[tuple[str, dict]]:
+    """The training stream's items: the --split's prompts, or only the --prompt ones (looked up in every split)."""
+    if not args.prompt:
+        return load_prompts(PromptsConfig(split=args.split))
+    known = dict(load_prompts(PromptsConfig(split="all")))
+    missing = [p for p in args.prompt if p not in known]
+    if missing:
+        raise ValueError(f"prompt: {missing[0]!r} is not a prompt of the shapes world")
+    return [(p, known[p]) for p in args.prompt]
+
+
 def setup(args) -> tuple:
     """The shipped policy (LoRA on request), its scorer, a frozen reference scorer (beta > 0) and the optimiser."""
     policy = Policy.load(TINY_POLICY)
     model = policy.model
     if args.lora:
         model = apply_lora(model, LoraSettings(r=args.lora, alpha=2.0 * args.lora))
-    scorer = PrefixScorer(model, policy.vq, args.m)
-    ref = PrefixScorer(copy.deepcopy(model).eval(), policy.vq, args.m) if args.beta else None
+    guidance = loss_guidance(GRPOLossConfig(score=args.score), rollout_settings(args), model.schedule, args.m)
+    scorer = PrefixScorer(model, policy.vq, args.m, guidance)
+    ref = PrefixScorer(copy.deepcopy(model).eval(), policy.vq, args.m, guidance) if args.beta else None
     opt = (configure_optimizers(scorer, args.lr) if args.optimizer == "adam"
            else torch.optim.SGD([p for p in scorer.parameters() if p.requires_grad], lr=args.lr))
     return policy, scorer, ref, opt
@@ -102,14 +121,17 @@ def rollout(policy: Policy, scorer: PrefixScorer, items: list, step: int, args, 
     picked = prompts_at(items, 0, step * args.prompts, args.prompts, balance="category")
     text = [ids for ids in policy.encode_prompts([p for p, _ in picked]) for _ in range(args.group)]
     seeds = [args.seed * 10_000_000 + step * 100_000 + i for i in range(len(text))]  # seed 0: as before
-    cfg = SampleConfig(cfg_scale=args.cfg, guidance_schedule="linear", top_k=args.top_k, top_p=args.top_p)
     scorer.model.eval()
     with torch.no_grad():
-        out = sample(scorer.model, policy.vq, text, seeds, cfg, m=args.m)
+        out = sample(scorer.model, policy.vq, text, seeds, rollout_settings(args), m=args.m)
     images = to_uint8(out.images)
     specs = [Spec.from_json(meta["spec"]) for _, meta in picked for _ in range(args.group)]
     strict = strict_verdicts(images, specs)
     return text, out, strict, strict if args.reward == "strict" else reward(images, specs)
+
+
+def rollout_settings(args) -> SampleConfig:
+    return SampleConfig(cfg_scale=args.cfg, guidance_schedule="linear", top_k=args.top_k, top_p=args.top_p)
 
 
 def run_arm(arm: str, items: list, args) -> dict:
@@ -119,11 +141,14 @@ def run_arm(arm: str, items: list, args) -> dict:
     prefix, loss_cfg = prefix_of(policy.model.schedule, args.m, args.alpha), GRPOLossConfig(beta=args.beta)
     gen, reward = torch.Generator().manual_seed(args.seed), reward_fn(args.reward)
     before = held_out(policy, "before") if args.eval else None
+    probes_before = probe(policy, scorer.model, args) if args.probe else None
     rewards, kls = [], []
     for step in tqdm(range(args.steps), desc=arm, leave=False):
         text, out, strict, r = rollout(policy, scorer, items, step, args, reward)
         adv = arm_advantages(group_advantages(r.view(args.prompts, args.group)).reshape(-1), arm, gen)
         batch = TrainBatch(text, list(out.codes[: args.m]), out.logprobs.float(), adv.float())
+        if scorer.guidance is not None:  # the rollouts log conditional log-probs; the loss scores the guided ones
+            batch = learner_old_logprobs(scorer, batch)[0]
         ref = ref_scorer(batch.text_ids, batch.codes)[0].detach() if ref_scorer is not None else None
         scorer.model.train()
         opt.zero_grad()
@@ -134,7 +159,35 @@ def run_arm(arm: str, items: list, args) -> dict:
         kls.append(metrics.get("kl_ref", float("nan")))
     scorer.model.eval()
     after = held_out(policy, "after") if args.eval else None
-    return {"arm": arm, "rewards": rewards, "kl_ref": kls, **held_out_change(before, after)}
+    probes = probe_change(probes_before, probe(policy, scorer.model, args)) if args.probe else {}
+    return {"arm": arm, "rewards": rewards, "kl_ref": kls, **held_out_change(before, after), **probes}
+
+
+PROBE_IMAGES = 128
+
+
+def probe(policy: Policy, model: torch.nn.Module, args) -> dict[str, dict[str, list[float]]]:
+    """{probe prompt: {"rollout" | "eval": strict verdicts of PROBE_IMAGES images}}: the same seeds every call, at
+    the rollout's sampling settings and at the held-out evaluation's (EvalConfig: CFG 3, top-k 32, top-p 0.95)."""
+    known = dict(load_prompts(PromptsConfig(split="all")))
+    settings = {"rollout": rollout_settings(args), "eval": EvalConfig().sample}
+    seeds = [777_000 + i for i in range(PROBE_IMAGES)]
+    out: dict[str, dict[str, list[float]]] = {}
+    model.eval()
+    for p in args.probe:
+        if p not in known:
+            raise ValueError(f"probe: {p!r} is not a prompt of the shapes world")
+        text, specs = policy.encode_prompts([p]) * PROBE_IMAGES, [Spec.from_json(known[p]["spec"])] * PROBE_IMAGES
+        with torch.no_grad():
+            out[p] = {name: strict_verdicts(to_uint8(sample(model, policy.vq, text, seeds, cfg).images), specs).tolist()
+                      for name, cfg in settings.items()}
+    return out
+
+
+def probe_change(before: dict, after: dict) -> dict:
+    """{"probes": {prompt: {setting: [rate before, rate after, paired change]}}} of two probe() results."""
+    return {"probes": {p: {k: [float(np.mean(before[p][k])), float(np.mean(after[p][k])),
+                               paired_difference(before[p][k], after[p][k])] for k in before[p]} for p in before}}
 
 
 def held_out(policy: Policy, desc: str) -> list[dict]:
@@ -173,6 +226,7 @@ def table(results: list[dict], args) -> str:
     w = min(args.window, args.steps // 2)
     lines = [f"Ray-free prefix-GRPO on the shipped policy: {args.steps} steps of {args.prompts} prompts x G = "
              f"{args.group}, {args.optimizer} lr {args.lr:g}, m = {args.m}, CFG {args.cfg:g}, {args.reward} reward"
+             + (", the loss scores the guided distribution" if args.score == "guided" else "")
              + (f", LoRA r = {args.lora}" if args.lora else "") + (f", KL beta {args.beta:g}" if args.beta else "")
              + f"; training strict reward (95% Wilson) over the first and last {w} steps "
              f"({w * args.prompts * args.group} samples each); KL to the starting policy per token (k3) after the "
@@ -191,6 +245,20 @@ def table(results: list[dict], args) -> str:
             row += (f" {res['held_out'][0]:.3f} -> {res['held_out'][1]:.3f} | {p['diff']:+.3f} [{p['ci'][0]:+.3f}, "
                     f"{p['ci'][1]:+.3f}] | {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] |")
         lines.append(row)
+    return "\n".join(lines) + "\n" + probe_table(results)
+
+
+def probe_table(results: list[dict]) -> str:
+    """The probes' strict rate before -> after and paired change, per arm, at the rollout and evaluation settings."""
+    if not any("probes" in r for r in results):
+        return ""
+    lines = ["", f"Probes ({PROBE_IMAGES} images each, same seeds before and after; strict rate, paired change 95%):",
+             "", "| advantages | probe prompt | at the rollout settings | at the evaluation's (CFG 3) |", "|---|---|---|---|"]
+    for res in results:
+        for p, d in res.get("probes", {}).items():
+            cells = [f"{b:.3f} -> {a:.3f}, {c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+                     for b, a, c in (d["rollout"], d["eval"])]
+            lines.append(f"| {res['arm']} | {p} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +292,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--m", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=0.7)
+    ap.add_argument("--score", choices=["conditional", "guided"], default="conditional",
+                    help="loss.score: the policy the loss scores (guided: the CFG distribution the rollouts sample)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seeds the rollouts (a new sample stream) and the shuffles")
@@ -232,6 +302,9 @@ def main() -> None:
     ap.add_argument("--eval", action="store_true", help="paired held-out evaluation of each arm's final policy")
     ap.add_argument("--window", type=int, default=10, help="steps pooled at the start and at the end")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--split", choices=["train", "heldout"], default="train", help="the prompts trained on")
+    ap.add_argument("--prompt", action="append", help="train on only this prompt (repeatable)")
+    ap.add_argument("--probe", action="append", help="after training, score this prompt (repeatable)")
     ap.add_argument("--pool", nargs="+", metavar="TAG", help="only pool the held-out change of these --eval runs")
     args = ap.parse_args()
     if args.pool:
@@ -239,7 +312,7 @@ def main() -> None:
         print(f"pooled held-out change over {d['n']} pairs: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] "
               f"(gained {d['gained']}, lost {d['lost']})")
         return
-    items = load_prompts(PromptsConfig(split="train"))
+    items = training_prompts(args)
     results = [run_arm(arm, items, args) for arm in args.arms.split(",")]
     name = "rl_noise" + (f"_{args.tag}" if args.tag else "")
     write_result(name, {"args": vars(args), "results": results}, table(results, args))

@@ -2,6 +2,10 @@
 
 Because attention is block-causal, the logits of scales 1..m need only the inputs up to scale m: the cost grows
 with the prefix, not with the image.
+
+`score_prefix` scores the unguided conditional policy by default. With a `Guidance` it scores the distribution the
+sampler draws from under classifier-free guidance, log_softmax((u + w_s (c - u)) / T_s) per token (u: the null
+prompt's logits; w_s, T_s: the scale's guidance weight and temperature; top-k / top-p truncation is not scored).
 """
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from core.settings import SampleConfig
+from policy.sampler import guidance_weights, per_scale
+from policy.scales import scale_index_per_token
 from policy.sequence import attention_mask, left_pad, position_ids, same_padding_rows
 from policy.tokenizer import MultiScaleVQ
 from policy.transformer import NextScaleLM
@@ -43,11 +50,44 @@ class PrefixScores:
     entropy: torch.Tensor   # (B, N_m) entropy of pi at each token
 
 
+@dataclass
+class Guidance:
+    """Per token of scales 1..m: the guidance weight w_s and temperature T_s of its scale (the rollouts' settings)."""
+    weight: torch.Tensor       # (N_m,)
+    temperature: torch.Tensor  # (N_m,)
+
+    def to(self, device) -> "Guidance":
+        return Guidance(self.weight.to(device), self.temperature.to(device))
+
+
+def guidance_of(cfg: SampleConfig, schedule: list, m: int) -> Guidance:
+    """The sampler's per-scale w_s (guidance_weights) and temperature, spread over the tokens of scales 1..m."""
+    temps = per_scale(cfg.temperature, len(schedule), "temperature")
+    if any(t <= 0 for t in temps[:m]):
+        raise ValueError("loss.score: guided scoring needs a temperature > 0 at scales 1..m (greedy has no log-prob)")
+    scale = scale_index_per_token(schedule[:m])
+    w = torch.tensor(guidance_weights(cfg.cfg_scale, cfg.guidance_schedule, len(schedule)))
+    return Guidance(w[scale], torch.tensor(temps, dtype=torch.float32)[scale])
+
+
+def guided_prefix_logits(model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[list[int]],
+                         codes: list[torch.Tensor], m: int, g: Guidance) -> torch.Tensor:
+    """(B, N_m, V) (u + w (c - u)) / T: the conditional rows and the null prompt's (empty text) in one batch."""
+    b = len(text_ids)
+    both = teacher_forced_logits(model, vq, list(text_ids) + [[]] * b, [torch.cat([c, c]) for c in codes], m).float()
+    cond, uncond = both[:b], both[b:]
+    g = g.to(cond.device)
+    return (uncond + g.weight[:, None] * (cond - uncond)) / g.temperature[:, None]
+
+
 def score_prefix(
-    model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[list[int]], codes: list[torch.Tensor], m: int
+    model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[list[int]], codes: list[torch.Tensor], m: int,
+    guidance: Guidance | None = None,
 ) -> PrefixScores:
-    """Per-token log-probs of the codes of scales 1..m under the (unguided, conditional) policy."""
-    logits = teacher_forced_logits(model, vq, text_ids, codes, m).float()
+    """Per-token log-probs of the codes of scales 1..m under the unguided conditional policy, or under the guided
+    sampling distribution when `guidance` is given."""
+    logits = (teacher_forced_logits(model, vq, text_ids, codes, m).float() if guidance is None
+              else guided_prefix_logits(model, vq, text_ids, codes[:m], m, guidance))
     targets = torch.cat([c.flatten(1) for c in codes[:m]], dim=1).to(logits.device)
     logp_all = logits.log_softmax(-1)
     logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1)

@@ -42,6 +42,10 @@ class GRPOLossConfig(_Strict):
     eps_hi: float = describe(0.28, "upper clip of the probability ratio (1 + eps_hi; clip-higher)", ge=0)
     beta: float = describe(0.0, "KL weight towards the initial policy; 0: no KL term, no reference model", ge=0)
     kl: Literal["k1", "k3"] = describe("k3", "KL estimator")
+    score: Literal["conditional", "guided"] = describe(
+        "conditional", "the policy the loss scores: the unguided conditional one, or the CFG-guided distribution "
+        "the rollouts sample (rollout.sample's cfg_scale, guidance_schedule, temperature; old log-probs recomputed "
+        "by the learner)")
 
 
 class VMRConfig(_Strict):
@@ -147,6 +151,7 @@ class RunConfig(_Strict):
             entry.kwargs = {k: absolute_path(v) if isinstance(v, str) and k in PATH_KWARGS else v
                             for k, v in entry.kwargs.items()}
         self._check_precision()
+        self._check_guided_scoring()
         rows = self.prompts_per_step * self.group_size
         if rows % self.learner.num_ranks:
             raise ValueError(f"learner.num_ranks: {self.learner.num_ranks} does not divide the batch of "
@@ -176,6 +181,13 @@ class RunConfig(_Strict):
             raise ValueError(f"rollout.precision: {self.rollout.precision}, but the learner computes in {learner} "
                              "(learner.precision): the first-pass ratio would deviate from 1 by up to the clip "
                              "range; use one precision, or set allow_precision_mismatch=true")
+
+    def _check_guided_scoring(self) -> None:
+        temps = self.rollout.sample.temperature
+        temps = temps if isinstance(temps, list) else [temps]
+        if self.loss.score == "guided" and any(t <= 0 for t in temps[: self.m]):
+            raise ValueError("loss.score: guided scoring needs rollout.sample.temperature > 0 at scales 1..m "
+                             "(greedy sampling has no log-prob)")
 
     def _check_storage(self) -> None:
         """A local storage path is the runs_dir; without storage a Ray job must not write into its working copy."""

@@ -174,7 +174,7 @@ class Driver:
         self.rewards = RewardClient(start_service(cfg.rewards, cfg.logging.verbose), cfg.rewards)
         learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})
         self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg,
-                                    env_vars=credential_env() if self.store.remote else None)
+                                    env_vars=credential_env() if self.store.remote else None, sample=cfg.rollout.sample)
         if isinstance(ckpt, str):  # on storage: every rank downloads the files it needs
             self.learner.load_from(self.store.uri, ckpt)
         elif ckpt is not None:

@@ -43,14 +43,15 @@ import ray
 import torch
 
 from core.collective import open_group, send_state, state_layout
+from core.settings import SampleConfig
 from policy.scales import prefix_tokens
 from policy.scoring import PrefixScores
 from policy.weights import apply_lora, trainable_state
 from rl.config import GRPOLossConfig
 from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale, recomputes_old_logprobs
 from rl.update import (
-    PrefixScorer, TrainBatch, base_model, learner_old_logprobs, learner_optimizer, micro_batches, micro_step,
-    prefix_of, reduce_metrics, ref_logprobs, register_direct_params, split_rows,
+    PrefixScorer, TrainBatch, base_model, learner_old_logprobs, learner_optimizer, loss_guidance, micro_batches,
+    micro_step, prefix_of, reduce_metrics, ref_logprobs, register_direct_params, split_rows,
 )
 
 CHECKPOINT_TAG = "learner"
@@ -74,9 +75,9 @@ class LearnerActor:
     """One rank: holds one DeepSpeed engine; the math is in score_prefix and prefix_grpo_loss."""
 
     def __init__(self, rank: int, world_size: int, policy_dir: str, m: int, alpha: float,
-                 loss_cfg: GRPOLossConfig, cfg: LearnerConfig):
+                 loss_cfg: GRPOLossConfig, cfg: LearnerConfig, sample: SampleConfig | None = None):
         self.rank, self.world_size, self.policy_dir = rank, world_size, policy_dir
-        self.m, self.alpha, self.loss_cfg, self.cfg = m, alpha, loss_cfg, cfg
+        self.m, self.alpha, self.loss_cfg, self.cfg, self.sample = m, alpha, loss_cfg, cfg, sample
         os.environ["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "nextscale-rl-torch-ext"))
 
@@ -111,7 +112,8 @@ class LearnerActor:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         if self.cfg.lora is not None:
             model = apply_lora(model, self.cfg.lora)
-        scorer = PrefixScorer(model, policy.vq, self.m).train()
+        guidance = loss_guidance(self.loss_cfg, self.sample, base_model(model).schedule, self.m)
+        scorer = PrefixScorer(model, policy.vq, self.m, guidance).train()
         self.ds_config = deepspeed_config(self.cfg)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         if self.zero_stage == 3:
@@ -121,7 +123,7 @@ class LearnerActor:
         self.vq = policy.vq.to(self.engine.device)
         if self.ref is not None:
             dtype = next(self.engine.module.parameters()).dtype
-            self.ref = PrefixScorer(self.ref.to(self.engine.device, dtype), self.vq, self.m)
+            self.ref = PrefixScorer(self.ref.to(self.engine.device, dtype), self.vq, self.m, guidance)
         sched = base_model(model).schedule[: self.m]
         self.prefix = prefix_of(sched, self.m, self.alpha, self.engine.device)  # k_s and scale of each token
         self._last_grad_norm = 0.0
@@ -152,9 +154,10 @@ class LearnerActor:
         refs = [ref_logprobs(reference, mb, self.loss_cfg) for mb in micro]   # constant over passes
         self.engine.train()
         records = []
-        if recomputes_old_logprobs(self.cfg):
+        if recomputes_old_logprobs(self.cfg) or self.loss_cfg.score == "guided":
             micro, gaps = zip(*(learner_old_logprobs(self._scores, mb) for mb in micro))
-            records.append({"rollout_logp_max_abs_dev": max(gaps)})
+            if self.loss_cfg.score != "guided":  # the rollouts log conditional log-probs: a gap only then
+                records.append({"rollout_logp_max_abs_dev": max(gaps)})
         for p in range(self.cfg.passes):
             for mb, ref in zip(micro, refs):
                 scale = micro_loss_scale(len(mb), len(shard), gas)
@@ -287,9 +290,11 @@ class LearnerGroup:
     """Driver side: a placement group of num_ranks bundles, one LearnerActor per bundle, one process group."""
 
     def __init__(self, policy_dir: str | Path, m: int, alpha: float, loss: GRPOLossConfig, cfg: LearnerConfig,
-                 seed: int | None = None, batch_size: int | None = None, env_vars: dict | None = None):
+                 seed: int | None = None, batch_size: int | None = None, env_vars: dict | None = None,
+                 sample: SampleConfig | None = None):
         """`seed` / `batch_size`, when given, replace cfg.seed / cfg.batch_size (the run's seed, prompts x G);
-        `env_vars` go to the ranks' processes (the storage credentials of the driver's environment)."""
+        `env_vars` go to the ranks' processes (the storage credentials of the driver's environment); `sample`: the
+        rollouts' settings (needed by loss.score: guided)."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -308,7 +313,7 @@ class LearnerGroup:
                 num_cpus=cfg.cpus_per_rank, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
-            ).remote(r, cfg.num_ranks, str(Path(policy_dir).resolve()), m, alpha, loss, cfg)
+            ).remote(r, cfg.num_ranks, str(Path(policy_dir).resolve()), m, alpha, loss, cfg, sample)
             for r in range(cfg.num_ranks)
         ]
         try:

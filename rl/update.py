@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from policy.optim import configure_optimizers
 from policy.scales import scale_index_per_token, scale_weights
-from policy.scoring import score_prefix
+from core.settings import SampleConfig
+from policy.scoring import Guidance, guidance_of, score_prefix
 from rl.config import GRPOLossConfig
 from rl.grpo import per_scale_mean, prefix_grpo_loss
 from rl.strategy import LearnerConfig
@@ -75,20 +76,31 @@ def reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ the module
 class PrefixScorer(nn.Module):
-    """What DeepSpeed wraps: the policy transformer (maybe with LoRA); forward = score_prefix over scales 1..m.
+    """What DeepSpeed wraps: the policy transformer (maybe with LoRA); forward = score_prefix over scales 1..m,
+    of the conditional policy or (`guidance`, loss.score: guided) of the CFG-guided sampling distribution.
 
     The vq is held outside the module tree: frozen, never partitioned, cast or handed to the optimiser.
     """
 
-    def __init__(self, model: nn.Module, vq: nn.Module, m: int):
+    def __init__(self, model: nn.Module, vq: nn.Module, m: int, guidance: Guidance | None = None):
         super().__init__()
         self.model = model
         self.__dict__["vq"] = vq
-        self.m = m
+        self.m, self.guidance = m, guidance
 
     def forward(self, text_ids: list[list[int]], codes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        s = score_prefix(self.model, self.vq, text_ids, codes, self.m)
+        s = score_prefix(self.model, self.vq, text_ids, codes, self.m, self.guidance)
         return s.logprobs, s.entropy                                           # (B, N_m) each
+
+
+def loss_guidance(cfg: GRPOLossConfig, sample: SampleConfig | None, schedule: list, m: int) -> Guidance | None:
+    """loss.score: guided -> the rollouts' per-token guidance (the learner then recomputes the old log-probs:
+    the rollouts log the conditional ones); conditional -> None."""
+    if cfg.score != "guided":
+        return None
+    if sample is None:
+        raise ValueError("loss.score: guided scoring needs the rollouts' sampling settings (rollout.sample)")
+    return guidance_of(sample, schedule, m)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -162,3 +162,26 @@ def test_rl_noise_arms_and_window():
         arm_advantages(adv, "noisy", gen)
     rate, lo, hi = window([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], 0, 2)
     assert rate == 3 / 8 and lo < 3 / 8 < hi and abs(lo - 0.1368) < 1e-3 and abs(hi - 0.6944) < 1e-3
+
+
+def test_rl_noise_prompt_choice_and_probe_change():
+    """--prompt picks prompts of any split (a one-line error names an unknown one); --split heldout trains on the
+    held-out prompts; probe_change pairs the verdicts per prompt and setting (hand-worked: 1 of 4 -> 3 of 4)."""
+    import argparse
+
+    from rl_noise import probe_change, probe_table, training_prompts
+    from shapes.world import split_prompts
+
+    args = argparse.Namespace(prompt=["a black square", "a circle"], split="train")
+    assert [p for p, _ in training_prompts(args)] == ["a black square", "a circle"]
+    assert training_prompts(args)[1][1]["category"] == "object"
+    assert len(training_prompts(argparse.Namespace(prompt=None, split="heldout"))) == len(split_prompts().heldout)
+    with pytest.raises(ValueError, match="^prompt: 'a black cube'"):
+        training_prompts(argparse.Namespace(prompt=["a black cube"], split="train"))
+    before = {"a circle": {"rollout": [1, 0, 0, 0], "eval": [1, 1, 0, 0]}}
+    after = {"a circle": {"rollout": [1, 1, 1, 0], "eval": [1, 1, 0, 0]}}
+    d = probe_change(before, after)["probes"]["a circle"]
+    assert d["rollout"][:2] == [0.25, 0.75] and d["rollout"][2]["diff"] == 0.5 and d["rollout"][2]["gained"] == 2
+    assert d["eval"][2]["diff"] == 0.0
+    table = probe_table([{"arm": "real", "probes": {"a circle": d}}])
+    assert "| real | a circle | 0.250 -> 0.750, +0.500" in table

@@ -86,3 +86,18 @@ def test_demo_command_writes_png(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "policy.demo", "configs/shapes-sample.yaml", "sample.top_k=x"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "sample.top_k" in bad.stderr
+
+
+def test_guided_scoring_config_is_checked():
+    """loss.score: guided with greedy rollouts at a scored scale is a one-line error naming loss.score; a greedy
+    scale past m is fine (it is not scored)."""
+    from rl.config import RunConfig
+
+    demo = ROOT / "configs/shapes-tiny.yaml"
+    assert load_config(RunConfig, demo, ["loss.score=guided"]).loss.score == "guided"
+    with pytest.raises(ConfigError, match=r"^loss.score: "):
+        load_config(RunConfig, demo, ["loss.score=guided", "rollout.sample.temperature=0"])
+    cfg = load_config(RunConfig, demo, ["loss.score=guided", "m=4", "rollout.sample.temperature=[1, 1, 1, 1, 0, 0]"])
+    assert cfg.m == 4
+    with pytest.raises(ConfigError, match=r"^loss.score: "):
+        load_config(RunConfig, demo, ["loss.score=blend"])

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from core.config import format_validation_error
 from policy.io import Policy, PolicyConfig, build_policy
 from policy.sampler import SampleConfig, sample
-from policy.scoring import score_prefix
+from policy.scoring import guidance_of, score_prefix
 from rl.config import GRPOLossConfig
 from rl.grpo import group_advantages
 from policy.weights import (
@@ -291,12 +291,15 @@ def test_lora_learner_sends_adapters_only(local_ray, world, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, bound", [("bf16", 1e-2), ("fp32", 1e-5)])
-def test_one_precision_on_both_sides_keeps_the_first_pass_ratio_near_1(local_ray, world, precision, bound):
+@pytest.mark.parametrize("precision, bound, score", [("bf16", 1e-2, "conditional"), ("fp32", 1e-5, "conditional"),
+                                                     ("fp32", 1e-5, "guided")])
+def test_one_precision_on_both_sides_keeps_the_first_pass_ratio_near_1(local_ray, world, precision, bound, score):
     """A rollout worker and a learner in the same precision (bf16 runs on the CPU too): the rollouts' log-probs
     stay within `bound` of the learner's (exp(new - old) - 1). In fp32 the learner takes the rollouts' as the old
     log-probs (first-pass ratio); in bf16 it recomputes them by default, reports the rollouts' distance as
-    rollout_logp_max_abs_dev, and its own first pass matches its recomputed ones."""
+    rollout_logp_max_abs_dev, and its own first pass matches its recomputed ones. With loss.score: guided the
+    learner scores the rollouts' CFG distribution (as score_prefix with their guidance) and recomputes the old
+    log-probs (the rollouts log conditional ones)."""
     from rollout.units import WorkUnit
     from rollout.worker import RolloutWorkerImpl
 
@@ -310,16 +313,22 @@ def test_one_precision_on_both_sides_keeps_the_first_pass_ratio_near_1(local_ray
                        [torch.cat([torch.from_numpy(r.codes[s]) for r in results]) for s in range(M)],
                        torch.cat([torch.from_numpy(r.logprobs) for r in results]),
                        group_advantages(torch.tensor([[1.0, 0.0], [0.2, 0.9]])).flatten())
-    group = LearnerGroup(path, M, 0.8, GRPOLossConfig(),
-                         LearnerConfig(batch_size=4, micro_batch_size=4, lr=1e-3, precision=precision))
+    group = LearnerGroup(path, M, 0.8, GRPOLossConfig(score=score),
+                         LearnerConfig(batch_size=4, micro_batch_size=4, lr=1e-3, precision=precision),
+                         sample=SampleConfig(cfg_scale=3.0))
     try:
+        scored = group.score(batch.text_ids, batch.codes)
         metrics = group.step(batch)
     finally:
         group.shutdown()
+    guidance = guidance_of(SampleConfig(cfg_scale=3.0), policy.model.schedule, M) if score == "guided" else None
+    with torch.no_grad():
+        mine = score_prefix(policy.model, policy.vq, batch.text_ids, batch.codes, M, guidance)
+    assert precision == "bf16" or (scored.logprobs - mine.logprobs).abs().max() <= bound
     first = metrics["ratio_first_pass_max_abs_dev"]
     rollout = metrics.get("rollout_logp_max_abs_dev", first)
-    print(f"{precision}: rollouts' log-probs max |exp(diff) - 1| {rollout:.2e}, first pass {first:.2e}")
-    assert rollout <= bound and first <= (1e-6 if precision == "bf16" else bound)
+    print(f"{precision} {score}: rollouts' log-probs max |exp(diff) - 1| {rollout:.2e}, first pass {first:.2e}")
+    assert rollout <= bound and first <= (1e-6 if precision == "bf16" or score == "guided" else bound)
     assert ("rollout_logp_max_abs_dev" in metrics) == (precision == "bf16")
 
 

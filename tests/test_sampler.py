@@ -6,7 +6,7 @@ from policy.sampler import (
     SampleConfig, filter_logits, guidance_weights, guided_logits, inverse_cdf, sample, sample_raster, sample_scale,
 )
 from policy.scales import prefix_tokens
-from policy.scoring import score_prefix
+from policy.scoring import guidance_of, score_prefix
 from tests.conftest import PROMPTS, SCHED
 
 CFG = SampleConfig(cfg_scale=3.0, guidance_schedule="linear", top_k=20, top_p=0.9, temperature=1.0)
@@ -20,6 +20,43 @@ def test_old_logprobs_equal_teacher_forced(model, vq):
         scores = score_prefix(model, vq, PROMPTS, out.codes, m)
     assert (scores.logprobs - out.logprobs).abs().max() <= 1e-4
     assert scores.entropy.shape == out.logprobs.shape and (scores.entropy >= 0).all()
+
+
+def test_guided_scores_equal_the_samplers_guided_logprobs(model, vq, monkeypatch):
+    """loss.score: guided scores log_softmax((u + w_s (c - u)) / T_s) of each code, checked against the sampler's
+    own KV-cached forward (the logits sample_scale draws from, recorded by a spy); with w = 1 and T = 1 it is the
+    conditional score."""
+    import policy.sampler as sampler
+
+    m, seen, draw = 4, [], sampler.sample_scale
+
+    def spy(cond, uncond, w, temperature, top_k, top_p, u):
+        codes, logp = draw(cond, uncond, w, temperature, top_k, top_p, u)
+        guided = guided_logits(cond.float(), uncond.float(), w) / temperature
+        seen.append(guided.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1))
+        return codes, logp
+
+    monkeypatch.setattr(sampler, "sample_scale", spy)
+    cfg = SampleConfig(cfg_scale=3.0, guidance_schedule="linear", temperature=[1.0, 0.9, 1.2, 1.0, 0.8, 1.0])
+    out = sample(model, vq, PROMPTS, [21, 22, 23], cfg, m=m)
+    with torch.no_grad():
+        guided = score_prefix(model, vq, PROMPTS, out.codes, m, guidance_of(cfg, SCHED, m))
+    assert (guided.logprobs - torch.cat(seen[:m], dim=1)).abs().max() <= 1e-4
+    assert (guided.logprobs - out.logprobs).abs().max() > 1e-2            # not the conditional log-probs
+    with torch.no_grad():
+        plain = score_prefix(model, vq, PROMPTS, out.codes, m, guidance_of(SampleConfig(), SCHED, m))
+    assert (plain.logprobs - out.logprobs).abs().max() <= 1e-4
+
+
+def test_guidance_of_hand_worked():
+    """Per token: w_s and T_s of its scale (linear w 3 over 6 scales: 1, 1.4, ...); greedy is refused."""
+    g = guidance_of(SampleConfig(cfg_scale=3.0, guidance_schedule="linear", temperature=[1.0, 0.5] + [1.0] * 4),
+                    SCHED, 2)
+    n1, n2 = SCHED[0][0] * SCHED[0][1], SCHED[1][0] * SCHED[1][1]
+    assert g.weight.tolist() == pytest.approx([1.0] * n1 + [1.4] * n2)
+    assert g.temperature.tolist() == [1.0] * n1 + [0.5] * n2
+    with pytest.raises(ValueError, match="^loss.score: "):
+        guidance_of(SampleConfig(temperature=0.0), SCHED, 2)
 
 
 def test_kv_cache_matches_recompute(model, vq):

@@ -11,8 +11,8 @@ from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
 from rl.config import GRPOLossConfig
 from rl.strategy import LearnerConfig, micro_loss_scale, recomputes_old_logprobs
-from rl.update import (PrefixScorer, TrainBatch, learner_old_logprobs, micro_batches, micro_step, prefix_of,
-                       ref_logprobs)
+from rl.update import (PrefixScorer, TrainBatch, learner_old_logprobs, loss_guidance, micro_batches, micro_step,
+                       prefix_of, ref_logprobs)
 from tests.conftest import PROMPTS, tiny_model, tiny_vq
 
 M, ALPHA = 3, 0.7
@@ -136,3 +136,26 @@ def test_learner_old_logprobs_replace_the_rollouts_and_report_their_distance():
     assert not recomputes_old_logprobs(cfg) and recomputes_old_logprobs(cfg.model_copy(update={"use_gpu": True}))
     assert recomputes_old_logprobs(cfg.model_copy(update={"precision": "bf16"}))
     assert not recomputes_old_logprobs(cfg.model_copy(update={"precision": "bf16", "recompute_old_logprobs": False}))
+
+
+def test_loss_guidance_and_a_guided_first_pass():
+    """loss.score: conditional -> no guidance; guided -> the rollouts' guidance_of (a one-line error without their
+    settings). A guided scorer's first pass on learner-recomputed old log-probs has ratio 1, and its log-probs are
+    the guided ones, not the conditional ones."""
+    from core.settings import SampleConfig
+    from policy.scoring import guidance_of
+
+    model, vq = tiny_model(), tiny_vq()
+    sample_cfg = SampleConfig(cfg_scale=3.0, guidance_schedule="linear")
+    assert loss_guidance(GRPOLossConfig(), sample_cfg, model.schedule, M) is None
+    g = loss_guidance(GRPOLossConfig(score="guided"), sample_cfg, model.schedule, M)
+    assert torch.equal(g.weight, guidance_of(sample_cfg, model.schedule, M).weight)
+    with pytest.raises(ValueError, match="^loss.score: "):
+        loss_guidance(GRPOLossConfig(score="guided"), None, model.schedule, M)
+    scorer, batch = PrefixScorer(model, vq, M, g), _batch(vq)
+    own, _ = learner_old_logprobs(scorer, batch)
+    _, metrics = micro_step(scorer, own, prefix_of(model.schedule, M, ALPHA), GRPOLossConfig(), first_pass=True)
+    assert metrics["ratio_first_pass_max_abs_dev"] <= 1e-5
+    with torch.no_grad():
+        conditional = PrefixScorer(model, vq, M)(batch.text_ids, batch.codes)[0]
+    assert (conditional - own.old_logprobs).abs().max() > 1e-3
