@@ -22,7 +22,7 @@ If "real" falls like "shuffled", the update's noise outweighs its signal at this
 strict verdict; the windows always show the strict verdict. `--eval` scores each arm's final policy on the fixed
 held-out set (policy.evaluate: 480 images) against the shipped policy on the same (prompt, seed) pairs.
 `--score guided` makes the loss score the CFG-guided distribution the rollouts sample (loss.score: guided).
-`--split heldout` trains on the held-out prompts themselves (an upper bound on what --eval can show);
+`--split heldout` trains on the held-out prompts themselves (no transfer needed: the evaluation's own prompts);
 `--prompt TEXT` (repeatable) trains on only these prompts; `--probe TEXT` (repeatable) samples 128 images of each
 probe prompt from the starting and from each arm's final policy (same seeds; at the rollout settings and at the
 evaluation's, CFG 3) and reports the paired change: does what one prompt learns carry to its neighbours?
