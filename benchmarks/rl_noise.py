@@ -73,15 +73,22 @@ def arm_advantages(adv: torch.Tensor, arm: str, gen: torch.Generator) -> torch.T
     return {"real": adv, "negated": -adv, "positive": adv.clamp(min=0)}[arm]
 
 
+def world_prompts(prompts: list[str], field: str) -> list[tuple[str, dict]]:
+    """(prompt, metadata) of these prompts, from any split; an unknown one is a one-line error naming `field`."""
+    known = dict(load_prompts(PromptsConfig(split="all")))
+    missing = [p for p in prompts if p not in known]
+    if missing:
+        raise ValueError(f"{field}: {missing[0]!r} is not a prompt of the shapes world")
+    return [(p, known[p]) for p in prompts]
+
+
 def training_prompts(args) -> list[tuple[str, dict]]:
     """The training stream's items: the --split's prompts, or only the --prompt ones (looked up in every split)."""
-    if not args.prompt:
-        return load_prompts(PromptsConfig(split=args.split))
-    known = dict(load_prompts(PromptsConfig(split="all")))
-    missing = [p for p in args.prompt if p not in known]
-    if missing:
-        raise ValueError(f"prompt: {missing[0]!r} is not a prompt of the shapes world")
-    return [(p, known[p]) for p in args.prompt]
+    return world_prompts(args.prompt, "prompt") if args.prompt else load_prompts(PromptsConfig(split=args.split))
+
+
+def loss_config(args) -> GRPOLossConfig:
+    return GRPOLossConfig(beta=args.beta, score=args.score)
 
 
 def setup(args) -> tuple:
@@ -90,7 +97,7 @@ def setup(args) -> tuple:
     model = policy.model
     if args.lora:
         model = apply_lora(model, LoraSettings(r=args.lora, alpha=2.0 * args.lora))
-    guidance = loss_guidance(GRPOLossConfig(score=args.score), rollout_settings(args), model.schedule, args.m)
+    guidance = loss_guidance(loss_config(args), rollout_settings(args), model.schedule, args.m)
     scorer = PrefixScorer(model, policy.vq, args.m, guidance)
     ref = PrefixScorer(copy.deepcopy(model).eval(), policy.vq, args.m, guidance) if args.beta else None
     opt = (configure_optimizers(scorer, args.lr) if args.optimizer == "adam"
@@ -138,7 +145,7 @@ def run_arm(arm: str, items: list, args) -> dict:
     """Train one arm for args.steps steps; its reward per step (mean over P x G) and the update's metrics."""
     torch.manual_seed(args.seed)
     policy, scorer, ref_scorer, opt = setup(args)
-    prefix, loss_cfg = prefix_of(policy.model.schedule, args.m, args.alpha), GRPOLossConfig(beta=args.beta)
+    prefix, loss_cfg = prefix_of(policy.model.schedule, args.m, args.alpha), loss_config(args)
     gen, reward = torch.Generator().manual_seed(args.seed), reward_fn(args.reward)
     before = held_out(policy, "before") if args.eval else None
     probes_before = probe(policy, scorer.model, args) if args.probe else None
@@ -168,19 +175,19 @@ PROBE_IMAGES = 128
 
 def probe(policy: Policy, model: torch.nn.Module, args) -> dict[str, dict[str, list[float]]]:
     """{probe prompt: {"rollout" | "eval": strict verdicts of PROBE_IMAGES images}}: the same seeds every call, at
-    the rollout's sampling settings and at the held-out evaluation's (EvalConfig: CFG 3, top-k 32, top-p 0.95)."""
-    known = dict(load_prompts(PromptsConfig(split="all")))
-    settings = {"rollout": rollout_settings(args), "eval": EvalConfig().sample}
+    the rollout's sampling settings and at the held-out evaluation's (EvalConfig: CFG 3, top-k 32, top-p 0.95;
+    sampled once when they are the same)."""
+    rollout_cfg, eval_cfg = rollout_settings(args), EvalConfig().sample
     seeds = [777_000 + i for i in range(PROBE_IMAGES)]
     out: dict[str, dict[str, list[float]]] = {}
     model.eval()
-    for p in args.probe:
-        if p not in known:
-            raise ValueError(f"probe: {p!r} is not a prompt of the shapes world")
-        text, specs = policy.encode_prompts([p]) * PROBE_IMAGES, [Spec.from_json(known[p]["spec"])] * PROBE_IMAGES
+    for p, meta in world_prompts(args.probe, "probe"):
+        text, specs = policy.encode_prompts([p]) * PROBE_IMAGES, [Spec.from_json(meta["spec"])] * PROBE_IMAGES
         with torch.no_grad():
-            out[p] = {name: strict_verdicts(to_uint8(sample(model, policy.vq, text, seeds, cfg).images), specs).tolist()
-                      for name, cfg in settings.items()}
+            verdicts = lambda cfg: strict_verdicts(  # noqa: E731
+                to_uint8(sample(model, policy.vq, text, seeds, cfg).images), specs).tolist()
+            at_rollout = verdicts(rollout_cfg)
+            out[p] = {"rollout": at_rollout, "eval": at_rollout if eval_cfg == rollout_cfg else verdicts(eval_cfg)}
     return out
 
 
@@ -223,7 +230,7 @@ def window(rewards: list[list[float]], lo: int, hi: int) -> tuple[float, float, 
 
 
 def table(results: list[dict], args) -> str:
-    w = min(args.window, args.steps // 2)
+    w = max(1, min(args.window, args.steps // 2))  # one step at least (a 1-step run: both windows are that step)
     lines = [f"Ray-free prefix-GRPO on the shipped policy: {args.steps} steps of {args.prompts} prompts x G = "
              f"{args.group}, {args.optimizer} lr {args.lr:g}, m = {args.m}, CFG {args.cfg:g}, {args.reward} reward"
              + (", the loss scores the guided distribution" if args.score == "guided" else "")

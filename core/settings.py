@@ -22,6 +22,11 @@ class SampleConfig(BaseModel):
     top_k: int | list[int] = Field(0, description="0: off; one value or one per scale")
     top_p: float | list[float] = Field(1.0, description="1: off; one value or one per scale")
 
+    def greedy_within(self, m: int) -> bool:
+        """Some scale of 1..m samples greedily (temperature <= 0): its codes have no log-prob to score."""
+        temps = self.temperature if isinstance(self.temperature, list) else [self.temperature]
+        return any(t <= 0 for t in temps[:m])
+
 
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")

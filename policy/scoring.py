@@ -63,7 +63,7 @@ class Guidance:
 def guidance_of(cfg: SampleConfig, schedule: list, m: int) -> Guidance:
     """The sampler's per-scale w_s (guidance_weights) and temperature, spread over the tokens of scales 1..m."""
     temps = per_scale(cfg.temperature, len(schedule), "temperature")
-    if any(t <= 0 for t in temps[:m]):
+    if cfg.greedy_within(m):
         raise ValueError("loss.score: guided scoring needs a temperature > 0 at scales 1..m (greedy has no log-prob)")
     scale = scale_index_per_token(schedule[:m])
     w = torch.tensor(guidance_weights(cfg.cfg_scale, cfg.guidance_schedule, len(schedule)))

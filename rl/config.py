@@ -183,9 +183,7 @@ class RunConfig(_Strict):
                              "range; use one precision, or set allow_precision_mismatch=true")
 
     def _check_guided_scoring(self) -> None:
-        temps = self.rollout.sample.temperature
-        temps = temps if isinstance(temps, list) else [temps]
-        if self.loss.score == "guided" and any(t <= 0 for t in temps[: self.m]):
+        if self.loss.score == "guided" and self.rollout.sample.greedy_within(self.m):
             raise ValueError("loss.score: guided scoring needs rollout.sample.temperature > 0 at scales 1..m "
                              "(greedy sampling has no log-prob)")
 
