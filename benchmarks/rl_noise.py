@@ -260,7 +260,8 @@ def probe_table(results: list[dict]) -> str:
     if not any("probes" in r for r in results):
         return ""
     lines = ["", f"Probes ({PROBE_IMAGES} images each, same seeds before and after; strict rate, paired change 95%):",
-             "", "| advantages | probe prompt | at the rollout settings | at the evaluation's (CFG 3) |", "|---|---|---|---|"]
+             "", "| advantages | probe prompt | at the rollout settings | at the evaluation's (CFG 3) |",
+             "|---|---|---|---|"]
     for res in results:
         for p, d in res.get("probes", {}).items():
             cells = [f"{b:.3f} -> {a:.3f}, {c['diff']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
