@@ -149,10 +149,11 @@ def run_arm(arm: str, items: list, args) -> dict:
     gen, reward = torch.Generator().manual_seed(args.seed), reward_fn(args.reward)
     before = held_out(policy, "before") if args.eval else None
     probes_before = probe(policy, scorer.model, args) if args.probe else None
-    rewards, kls = [], []
+    rewards, kls, curve = [], [], []
     for step in tqdm(range(args.steps), desc=arm, leave=False):
         text, out, strict, r = rollout(policy, scorer, items, step, args, reward)
-        adv = arm_advantages(group_advantages(r.view(args.prompts, args.group)).reshape(-1), arm, gen)
+        adv = group_advantages(r.view(args.prompts, args.group), not args.no_std).reshape(-1)
+        adv = arm_advantages(adv, arm, gen)
         batch = TrainBatch(text, list(out.codes[: args.m]), out.logprobs.float(), adv.float())
         if scorer.guidance is not None:  # the rollouts log conditional log-probs; the loss scores the guided ones
             batch = learner_old_logprobs(scorer, batch)[0]
@@ -164,10 +165,15 @@ def run_arm(arm: str, items: list, args) -> dict:
         opt.step()
         rewards.append(strict.tolist())
         kls.append(metrics.get("kl_ref", float("nan")))
+        if args.eval and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            scorer.model.eval()
+            curve.append({"step": step + 1, **held_out_change(before, held_out(policy, f"step {step + 1}"))})
     scorer.model.eval()
     after = held_out(policy, "after") if args.eval else None
     probes = probe_change(probes_before, probe(policy, scorer.model, args)) if args.probe else {}
-    return {"arm": arm, "rewards": rewards, "kl_ref": kls, **held_out_change(before, after), **probes}
+    curve += [{"step": args.steps, **held_out_change(before, after)}] if curve else []
+    return {"arm": arm, "rewards": rewards, "kl_ref": kls, **held_out_change(before, after), **probes,
+            **({"curve": [{k: c[k] for k in ("step", "held_out", "paired")} for c in curve]} if curve else {})}
 
 
 PROBE_IMAGES = 128
@@ -234,6 +240,7 @@ def table(results: list[dict], args) -> str:
     lines = [f"Ray-free prefix-GRPO on the shipped policy: {args.steps} steps of {args.prompts} prompts x G = "
              f"{args.group}, {args.optimizer} lr {args.lr:g}, m = {args.m}, CFG {args.cfg:g}, {args.reward} reward"
              + (", the loss scores the guided distribution" if args.score == "guided" else "")
+             + (", advantages not divided by the group's std" if args.no_std else "")
              + (f", LoRA r = {args.lora}" if args.lora else "") + (f", KL beta {args.beta:g}" if args.beta else "")
              + f"; training strict reward (95% Wilson) over the first and last {w} steps "
              f"({w * args.prompts * args.group} samples each); KL to the starting policy per token (k3) after the "
@@ -252,7 +259,21 @@ def table(results: list[dict], args) -> str:
             row += (f" {res['held_out'][0]:.3f} -> {res['held_out'][1]:.3f} | {p['diff']:+.3f} [{p['ci'][0]:+.3f}, "
                     f"{p['ci'][1]:+.3f}] | {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] |")
         lines.append(row)
-    return "\n".join(lines) + "\n" + probe_table(results)
+    return "\n".join(lines) + "\n" + probe_table(results) + curve_table(results)
+
+
+def curve_table(results: list[dict]) -> str:
+    """--eval-every: the held-out strict rate and its paired change (95%) against the start, every N steps."""
+    if not any("curve" in r for r in results):
+        return ""
+    lines = ["", "Held-out strict during training (480 images, the same pairs as before training):", "",
+             "| advantages | step | held-out | paired change |", "|---|---|---|---|"]
+    for res in results:
+        for c in res.get("curve", []):
+            p = c["paired"]
+            lines.append(f"| {res['arm']} | {c['step']} | {c['held_out'][1]:.3f} | {p['diff']:+.3f} "
+                         f"[{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] |")
+    return "\n".join(lines) + "\n"
 
 
 def probe_table(results: list[dict]) -> str:
@@ -275,13 +296,21 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = any("curve" in r for r in results)
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 4), squeeze=False)
     for res in results:
         means = [float(np.mean(r)) for r in res["rewards"]]
         smooth = [float(np.mean(means[max(0, i - 9): i + 1])) for i in range(len(means))]
-        ax.plot(smooth, label=res["arm"])
-    ax.set(xlabel="step", ylabel="training strict reward (10-step mean)", title="signal or noise")
-    ax.legend()
+        axes[0, 0].plot(smooth, label=res["arm"])
+        if "curve" in res:
+            steps = [0] + [c["step"] for c in res["curve"]]
+            axes[0, 1].errorbar(steps, [res["held_out"][0]] + [c["held_out"][1] for c in res["curve"]],
+                                yerr=[0] + [(c["paired"]["ci"][1] - c["paired"]["ci"][0]) / 2 for c in res["curve"]],
+                                marker="o", capsize=3, label=res["arm"])
+    axes[0, 0].set(xlabel="step", ylabel="training strict reward (10-step mean)", title="signal or noise")
+    axes[0, 0].legend()
+    if curves:
+        axes[0, 1].set(xlabel="step", ylabel="held-out strict (480 images; bar: paired 95%)", title="held-out")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -302,12 +331,15 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.7)
     ap.add_argument("--score", choices=["conditional", "guided"], default="conditional",
                     help="loss.score: the policy the loss scores (guided: the CFG distribution the rollouts sample)")
+    ap.add_argument("--no-std", action="store_true", help="normalize_std=false: advantages centred, not divided by "
+                                                          "the group's std (Dr. GRPO)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seeds the rollouts (a new sample stream) and the shuffles")
     ap.add_argument("--reward", choices=["strict", "demo"], default="strict",
                     help="strict verdict, or the demo's exclusive strict + 0.25 x partial credit")
     ap.add_argument("--eval", action="store_true", help="paired held-out evaluation of each arm's final policy")
+    ap.add_argument("--eval-every", type=int, default=0, help="with --eval: also score the held-out set every N steps")
     ap.add_argument("--window", type=int, default=10, help="steps pooled at the start and at the end")
     ap.add_argument("--tag", default="")
     ap.add_argument("--split", choices=["train", "heldout"], default="train", help="the prompts trained on")

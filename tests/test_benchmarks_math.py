@@ -185,3 +185,15 @@ def test_rl_noise_prompt_choice_and_probe_change():
     assert d["eval"][2]["diff"] == 0.0
     table = probe_table([{"arm": "real", "probes": {"a circle": d}}])
     assert "| real | a circle | 0.250 -> 0.750, +0.500" in table
+
+
+def test_rl_noise_curve_table_reads_the_paired_change_at_each_step():
+    """--eval-every: each row is the held-out rate at that step and its paired change against the start
+    (hand-worked: 0 of 4 -> 2 of 4 is +0.5)."""
+    from policy.evaluate import paired_difference
+    from rl_noise import curve_table
+
+    curve = [{"step": 5, "held_out": [0.0, 0.5], "paired": paired_difference([0, 0, 0, 0], [1, 1, 0, 0])}]
+    table = curve_table([{"arm": "real", "curve": curve}, {"arm": "shuffled"}])
+    assert "| real | 5 | 0.500 | +0.500 [" in table and "shuffled" not in table
+    assert curve_table([{"arm": "real"}]) == ""
