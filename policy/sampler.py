@@ -62,22 +62,34 @@ def code_logprobs(cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return cond.float().log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
 
 
-def sample_scale(cond, uncond, w, temperature, top_k, top_p, u):
-    """One scale: (B, n, V) logits -> codes (B, n) and their log-prob under the unguided conditional policy."""
+def sample_scale(cond, uncond, w, temperature, top_k, top_p, u, logprobs: str | None = "conditional"):
+    """One scale: (B, n, V) logits -> codes (B, n) and their log-prob (scale_logprobs; None for logprobs=None)."""
     logits = guided_logits(cond.float(), None if uncond is None else uncond.float(), w)
     if temperature <= 0:
         codes = logits.argmax(-1)
     else:
         codes = inverse_cdf(filter_logits(logits / temperature, top_k, top_p).softmax(-1), u)
-    return codes, code_logprobs(cond, codes)
+    return codes, scale_logprobs(cond, uncond, w, temperature, codes, logprobs)
 
 
-# --------------------------------------------------------------------------------------- next-scale sampler
+def scale_logprobs(cond, uncond, w, temperature, codes, logprobs: str | None) -> torch.Tensor | None:
+    """The log-probs a rollout logs: of the unguided conditional policy, or ("guided") of the distribution the codes
+    are drawn from before top-k/top-p, (uncond + w (cond - uncond)) / T: what loss.score: guided scores."""
+    if logprobs is None:
+        return None
+    if logprobs == "conditional":
+        return code_logprobs(cond, codes)
+    if temperature <= 0:
+        raise ValueError("logprobs: guided log-probs need a temperature > 0 (greedy has no log-prob)")
+    return code_logprobs(guided_logits(cond.float(), None if uncond is None else uncond.float(), w) / temperature,
+                         codes)
+
+
 @dataclass
 class SampleOutput:
     codes: list[torch.Tensor]   # per scale (B, h_s, w_s) long
     images: torch.Tensor | None  # (B, 3, P, P) in [0, 1]
-    logprobs: torch.Tensor      # (B, tokens of scales 1..m) old log-probs, unguided conditional policy
+    logprobs: torch.Tensor      # (B, tokens of scales 1..m) old log-probs: conditional policy, or guided on request
 
 
 def _scale_settings(cfg: SampleConfig, num_scales: int) -> list[tuple[float, float, int, float]]:
@@ -95,12 +107,12 @@ def _check_prefix(prefix_codes: list[torch.Tensor], sched, b: int) -> None:
             raise ValueError(f"prefix_codes[{s}]: shape {tuple(c.shape)}, expected {(b, h, w)}")
 
 
-def _scale_codes(cond, uncond, setting, u, forced: torch.Tensor | None):
+def _scale_codes(cond, uncond, setting, u, forced: torch.Tensor | None, logprobs: str | None):
     """One scale's codes and log-probs: the given (teacher-forced) codes, or a sample."""
     if forced is None:
-        return sample_scale(cond, uncond, *setting, u)
+        return sample_scale(cond, uncond, *setting, u, logprobs)
     code = forced.to(cond.device, torch.long).reshape(cond.shape[0], -1)
-    return code, code_logprobs(cond, code)
+    return code, scale_logprobs(cond, uncond, *setting[:2], code, logprobs)
 
 
 def _text_batch(model: NextScaleLM, text_ids: list[list[int]], guided: bool):
@@ -121,12 +133,14 @@ def sample(
     use_cache: bool = True,
     decode: bool = True,
     prefix_codes: list[torch.Tensor] | None = None,
+    logprobs: str = "conditional",
 ) -> SampleOutput:
     """Sample all S scales for each prompt; per-sample seeds make each image independent of its batch.
 
     `prefix_codes` (per scale (B, h_s, w_s), scales 1..j): teacher-force those scales (their codes are fed, not
     sampled; log-probs are of the given codes) and sample scales j+1..S. A forced scale still draws its uniforms,
-    so a continuation with the seed that sampled the prefix reproduces that sample exactly.
+    so a continuation with the seed that sampled the prefix reproduces that sample exactly. `logprobs`: of the
+    unguided "conditional" policy, or of the "guided" one the codes are drawn from (scale_logprobs).
     """
     sched = model.schedule
     num_scales, b = len(sched), len(text_ids)
@@ -147,15 +161,14 @@ def sample(
 
     embeds = torch.cat([model.text_embeds(ids), model.boi_embeds(ids.shape[0])], dim=1)
     hidden = model(embeds, mask[..., : t + 1, : t + 1], pos[..., : t + 1], cache)[:, t:]
-    codes, logps = [], []
+    codes, logps, scored = [], [], [logprobs] * m + [None] * (num_scales - m)  # log-probs of scales 1..m only
     for s, (h, w) in enumerate(sched):
         logits = model.image_logits(hidden)                                         # (R, n_s, V)
         cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)
         u = torch.stack([torch.rand(h * w, generator=g) for g in gens]).to(logits.device)
-        code, logp = _scale_codes(cond, uncond, settings[s], u, forced[s] if s < len(forced) else None)
+        code, logp = _scale_codes(cond, uncond, settings[s], u, forced[s] if s < len(forced) else None, scored[s])
         codes.append(code.view(b, h, w))
-        if s < m:
-            logps.append(logp)
+        logps += [logp] if s < m else []
         if s + 1 == num_scales:
             break
         feats = vq.scale_inputs(codes[-1], sched[s + 1]).to(dtype)                  # (B, n_{s+1}, C)

@@ -44,8 +44,8 @@ class GRPOLossConfig(_Strict):
     kl: Literal["k1", "k3"] = describe("k3", "KL estimator")
     score: Literal["conditional", "guided"] = describe(
         "conditional", "the policy the loss scores: the unguided conditional one, or the CFG-guided distribution "
-        "the rollouts sample (rollout.sample's cfg_scale, guidance_schedule, temperature; old log-probs recomputed "
-        "by the learner)")
+        "the rollouts sample (rollout.sample's cfg_scale, guidance_schedule, temperature; the rollouts log old "
+        "log-probs of the same)")
 
 
 class VMRConfig(_Strict):

@@ -184,7 +184,8 @@ class Driver:
         r = cfg.rollout
         lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
         factory = lambda: RolloutWorker.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(  # noqa: E731
-            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision)
+            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision,
+            cfg.loss.score)
         self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
                                 desired=lambda: ray.get(self.control.rollout_workers.remote()))
         self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s,

@@ -154,10 +154,9 @@ class LearnerActor:
         refs = [ref_logprobs(reference, mb, self.loss_cfg) for mb in micro]   # constant over passes
         self.engine.train()
         records = []
-        if recomputes_old_logprobs(self.cfg) or self.loss_cfg.score == "guided":
+        if recomputes_old_logprobs(self.cfg):
             micro, gaps = zip(*(learner_old_logprobs(self._scores, mb) for mb in micro))
-            if self.loss_cfg.score != "guided":  # the rollouts log conditional log-probs: a gap only then
-                records.append({"rollout_logp_max_abs_dev": max(gaps)})
+            records.append({"rollout_logp_max_abs_dev": max(gaps)})
         for p in range(self.cfg.passes):
             for mb, ref in zip(micro, refs):
                 scale = micro_loss_scale(len(mb), len(shard), gas)

@@ -94,8 +94,8 @@ class PrefixScorer(nn.Module):
 
 
 def loss_guidance(cfg: GRPOLossConfig, sample: SampleConfig | None, schedule: list, m: int) -> Guidance | None:
-    """loss.score: guided -> the rollouts' per-token guidance (the learner then recomputes the old log-probs:
-    the rollouts log the conditional ones); conditional -> None."""
+    """loss.score: guided -> the rollouts' per-token guidance (the rollouts then log guided old log-probs:
+    policy.sampler.sample(logprobs="guided")); conditional -> None."""
     if cfg.score != "guided":
         return None
     if sample is None:

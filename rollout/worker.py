@@ -32,7 +32,7 @@ def actor_device() -> torch.device:
 
 class RolloutWorkerImpl:
     def __init__(self, policy_path: str, sample_cfg: dict, m: int, lora: dict | None = None, threads: int = 1,
-                 completions: int = 1, precision: str = "fp32"):
+                 completions: int = 1, precision: str = "fp32", logprobs: str = "conditional"):
         torch.set_num_threads(threads)
         self.policy = Policy.load(policy_path)
         if lora:
@@ -45,6 +45,7 @@ class RolloutWorkerImpl:
         self.sample_cfg = SampleConfig(**sample_cfg)
         self.m = m
         self.completions = completions  # K: completions per prefix (VMR); 1 = the rollout only
+        self.logprobs = logprobs  # what the old log-probs score: "conditional" or "guided" (loss.score)
         self.version = 0  # the weights of policy_path
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
@@ -85,7 +86,8 @@ class RolloutWorkerImpl:
         if self.version < min_version:
             raise StaleWeightsError(f"worker {self.name} holds weights v{self.version}, unit {unit.uid} needs v{min_version}")
         out = sample(self.policy.model, self.policy.vq, [list(unit.text_ids)] * unit.group_size,
-                     sample_seeds(unit.seed, unit.group_size), self.sample_cfg, m=self.m)
+                     sample_seeds(unit.seed, unit.group_size), self.sample_cfg, m=self.m,
+                     logprobs=self.logprobs)
         return UnitResult(unit.uid, [c.cpu().numpy() for c in out.codes], to_uint8(out.images),
                           out.logprobs.float().cpu().numpy(), self.version, self.name, self._complete(unit, out.codes))
 

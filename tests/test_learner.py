@@ -298,13 +298,13 @@ def test_one_precision_on_both_sides_keeps_the_first_pass_ratio_near_1(local_ray
     stay within `bound` of the learner's (exp(new - old) - 1). In fp32 the learner takes the rollouts' as the old
     log-probs (first-pass ratio); in bf16 it recomputes them by default, reports the rollouts' distance as
     rollout_logp_max_abs_dev, and its own first pass matches its recomputed ones. With loss.score: guided the
-    learner scores the rollouts' CFG distribution (as score_prefix with their guidance) and recomputes the old
-    log-probs (the rollouts log conditional ones)."""
+    learner scores the rollouts' CFG distribution (as score_prefix with their guidance), and the rollouts log the
+    same guided log-probs (so their first-pass ratio, and off-policy staleness, stay corrected)."""
     from rollout.units import WorkUnit
     from rollout.worker import RolloutWorkerImpl
 
     policy, path, _ = world
-    worker = RolloutWorkerImpl(str(path), {"cfg_scale": 3.0}, M, precision=precision)
+    worker = RolloutWorkerImpl(str(path), {"cfg_scale": 3.0}, M, precision=precision, logprobs=score)
     assert next(worker.policy.model.parameters()).dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     units = [WorkUnit(f"1/{i}", 1, i, c, tuple(ids), 100 + i, G)
              for i, (c, ids) in enumerate(zip(CAPTIONS, policy.encode_prompts(CAPTIONS)))]
@@ -328,7 +328,7 @@ def test_one_precision_on_both_sides_keeps_the_first_pass_ratio_near_1(local_ray
     first = metrics["ratio_first_pass_max_abs_dev"]
     rollout = metrics.get("rollout_logp_max_abs_dev", first)
     print(f"{precision} {score}: rollouts' log-probs max |exp(diff) - 1| {rollout:.2e}, first pass {first:.2e}")
-    assert rollout <= bound and first <= (1e-6 if precision == "bf16" or score == "guided" else bound)
+    assert rollout <= bound and first <= (1e-6 if precision == "bf16" else bound)
     assert ("rollout_logp_max_abs_dev" in metrics) == (precision == "bf16")
 
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
@@ -30,8 +32,8 @@ def test_guided_scores_equal_the_samplers_guided_logprobs(model, vq, monkeypatch
 
     m, seen, draw = 4, [], sampler.sample_scale
 
-    def spy(cond, uncond, w, temperature, top_k, top_p, u):
-        codes, logp = draw(cond, uncond, w, temperature, top_k, top_p, u)
+    def spy(cond, uncond, w, temperature, top_k, top_p, u, logprobs="conditional"):
+        codes, logp = draw(cond, uncond, w, temperature, top_k, top_p, u, logprobs)
         guided = guided_logits(cond.float(), uncond.float(), w) / temperature
         seen.append(guided.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1))
         return codes, logp
@@ -46,6 +48,14 @@ def test_guided_scores_equal_the_samplers_guided_logprobs(model, vq, monkeypatch
     with torch.no_grad():
         plain = score_prefix(model, vq, PROMPTS, out.codes, m, guidance_of(SampleConfig(), SCHED, m))
     assert (plain.logprobs - out.logprobs).abs().max() <= 1e-4
+    logged = sample(model, vq, PROMPTS, [21, 22, 23], cfg, m=m, logprobs="guided")      # what rollouts log for it
+    assert all(torch.equal(a, b) for a, b in zip(logged.codes, out.codes))
+    assert (guided.logprobs - logged.logprobs).abs().max() <= 1e-4
+    forced = sample(model, vq, PROMPTS, [21, 22, 23], cfg, m=m, logprobs="guided", prefix_codes=out.codes[:m])
+    assert (forced.logprobs - logged.logprobs).abs().max() <= 1e-5                      # VMR's continuations
+    greedy_fine = SampleConfig(cfg_scale=3.0, temperature=[1.0] * m + [0.0] * (len(SCHED) - m))  # unscored: fine
+    fine = sample(model, vq, PROMPTS, [1, 2, 3], greedy_fine, m=m, logprobs="guided")
+    assert fine.logprobs.shape == out.logprobs.shape
 
 
 def test_guidance_of_hand_worked():
@@ -127,12 +137,18 @@ def test_guidance_hand_worked():
     assert guided_logits(c, u, 3.0).item() == 4.0 and guided_logits(c, None, 3.0).item() == 2.0
 
 
-def test_sample_scale_logprob_is_unguided_conditional():
+def test_sample_scale_logprob_is_unguided_conditional_or_guided():
     cond = torch.tensor([[[2.0, 0.0, 0.0]]])
     uncond = torch.tensor([[[0.0, 0.0, 5.0]]])
     code, logp = sample_scale(cond, uncond, 3.0, 0.0, 0, 1.0, None)  # greedy on guided = [6, 0, -10]
     assert code.item() == 0
     assert torch.allclose(logp, cond.log_softmax(-1)[..., 0])
+    with pytest.raises(ValueError, match="^logprobs: "):
+        sample_scale(cond, uncond, 3.0, 0.0, 0, 1.0, None, "guided")
+    u = torch.tensor([[0.0]])                                         # the first code of the (top-k 2) support
+    code, logp = sample_scale(cond, uncond, 3.0, 2.0, 2, 1.0, u, "guided")
+    assert code.item() == 0                                           # guided / T = [3, 0, -5], untruncated:
+    assert logp.item() == pytest.approx(3 - math.log(math.exp(3) + 1 + math.exp(-5)))
 
 
 def test_raster_sampler(model, vq):
