@@ -53,6 +53,7 @@ from policy.weights import apply_lora
 from rewards.base import Batch
 from rewards.builtin import shapes_metadata
 from rewards.combine import CombinedReward
+from rewards.config import RewardEntry
 from rl.config import GRPOLossConfig, PromptsConfig, RunConfig
 from rl.grpo import group_advantages
 from rl.prompts import load_prompts, prompts_at
@@ -113,10 +114,14 @@ def strict_verdicts(images: np.ndarray, specs: list[Spec]) -> torch.Tensor:
 def reward_fn(kind: str) -> Callable[[np.ndarray, list[Spec]], torch.Tensor]:
     """(images, specs) -> (B,) rewards the update sees: the strict verdict, or the demo's own reward (the rewards
     section of configs/shapes-tiny.yaml run in-process by rewards.combine.CombinedReward, as its Serve replica
-    does: exclusive strict + 0.25 x exclusive partial credit)."""
+    does: exclusive strict + 0.25 x exclusive partial credit), or ("objects") the demo's plus 0.5 x the per-object
+    credit (shapes.verifier.object_credit, exclusive)."""
     if kind == "strict":
         return strict_verdicts
     entries = load_config(RunConfig, DEMO_CONFIG, context={"check_paths": False}).rewards.rewards
+    if kind == "objects":  # + 0.5 x per-object credit: one of two objects right earns a share
+        entries = [*entries, RewardEntry(name="verifier", weight=0.5, label="objects",
+                                         kwargs={"mode": "objects", "exclusive": True})]
     combined = CombinedReward(entries)
     return lambda images, specs: torch.from_numpy(
         combined(Batch(images, [caption(s) for s in specs], shapes_metadata(specs))).total)
@@ -336,8 +341,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="seeds the rollouts (a new sample stream) and the shuffles")
-    ap.add_argument("--reward", choices=["strict", "demo"], default="strict",
-                    help="strict verdict, or the demo's exclusive strict + 0.25 x partial credit")
+    ap.add_argument("--reward", choices=["strict", "demo", "objects"], default="strict",
+                    help="strict verdict; the demo's exclusive strict + 0.25 x partial credit; objects: the demo's + "
+                         "0.5 x per-object credit (exclusive)")
     ap.add_argument("--eval", action="store_true", help="paired held-out evaluation of each arm's final policy")
     ap.add_argument("--eval-every", type=int, default=0, help="with --eval: also score the held-out set every N steps")
     ap.add_argument("--window", type=int, default=10, help="steps pooled at the start and at the end")

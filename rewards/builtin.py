@@ -11,7 +11,7 @@ import numpy as np
 
 from shapes.world import Spec
 from rewards.base import Batch
-from shapes.verifier import JUDGES, partial_credit, score
+from shapes.verifier import JUDGES, object_credit, partial_credit, score
 from rewards.wire import batch_to_json, post_json
 
 CHECKS = ("object", "colour", "count", "two-object", "position", "only", "all")  # every check it can report
@@ -23,7 +23,8 @@ def shapes_metadata(specs: list[Spec]) -> list[dict]:
 
 
 class VerifierReward:
-    """GenEval-style verifier against metadata["spec"]: "partial" = fraction of checks passed, "strict" = all.
+    """GenEval-style verifier against metadata["spec"]: "partial" = fraction of checks passed, "strict" = all,
+    "objects" = fraction of the asked objects drawn right (shapes.verifier.object_credit).
 
     Sub-scores: each check (object, colour, count, two-object, position, only, all) as 0/1, NaN where it does not
     apply. `judge`: the shape classifier, "fill" (bounding-box fill ratio) or "template" (stricter template IoU).
@@ -31,19 +32,21 @@ class VerifierReward:
     """
 
     def __init__(self, mode: str = "partial", judge: str = "fill", exclusive: bool = False):
-        if mode not in ("partial", "strict"):
-            raise ValueError(f"mode must be 'partial' or 'strict', got {mode!r}")
+        if mode not in ("partial", "strict", "objects"):
+            raise ValueError(f"mode must be 'partial', 'strict' or 'objects', got {mode!r}")
         if judge not in JUDGES:
             raise ValueError(f"judge must be one of {sorted(JUDGES)}, got {judge!r}")
         self.mode, self.judge, self.exclusive = mode, judge, bool(exclusive)
 
     def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict:
-        checks = []
+        checks, main = [], []
         for i, (img, meta) in enumerate(zip(images, metadata)):
             if "spec" not in meta:
                 raise ValueError(f"metadata {i} has no 'spec'")
-            checks.append(score(img, Spec.from_json(meta["spec"]), self.judge, self.exclusive))
-        main = [partial_credit(c) if self.mode == "partial" else float(c["all"]) for c in checks]
+            spec = Spec.from_json(meta["spec"])
+            checks.append(score(img, spec, self.judge, self.exclusive))
+            main.append(object_credit(img, spec, self.judge, self.exclusive) if self.mode == "objects"
+                        else partial_credit(checks[-1]) if self.mode == "partial" else float(checks[-1]["all"]))
         keys = CHECKS if self.exclusive else [k for k in CHECKS if k != "only"]   # "only" exists only when asked
         return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in keys}}
 

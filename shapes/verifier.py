@@ -198,6 +198,18 @@ def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str
     return checks
 
 
+def object_credit(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str] = "fill",
+                  exclusive: bool = False) -> float:
+    """Per-object credit: the fraction of the asked objects drawn with their shape, colour and exact count (with
+    `exclusive`, "nothing else drawn" counts as one more item). Denser than the checks, whose colour and count pass
+    only when every object does: one of two objects right earns half."""
+    blobs = detect(image, judge)
+    hits = [sum(_matches(b, o.shape, o.colour) for b in blobs) == o.count for o in spec.objects]
+    if exclusive:
+        hits.append(len(blobs) == sum(o.count for o in spec.objects))
+    return sum(hits) / len(hits)
+
+
 def partial_credit(checks: dict[str, bool]) -> float:
     """Fraction of passed checks (excluding the strict "all")."""
     vals = [v for k, v in checks.items() if k != "all"]

@@ -197,3 +197,19 @@ def test_rl_noise_curve_table_reads_the_paired_change_at_each_step():
     table = curve_table([{"arm": "real", "curve": curve}, {"arm": "shuffled"}])
     assert "| real | 5 | 0.500 | +0.500 [" in table and "shuffled" not in table
     assert curve_table([{"arm": "real"}]) == ""
+
+
+def test_rl_noise_objects_reward_adds_half_the_object_credit():
+    """--reward objects: the demo's reward + 0.5 x object credit (exclusive), hand-worked on a circle alone
+    (1.25 + 0.5) and a circle with a stray square (0.25 x 2/3 + 0.5 x 1/2)."""
+    import numpy as np
+    from rl_noise import reward_fn
+    from shapes.world import ObjectSpec, Spec, shape_mask
+
+    spec = Spec("object", (ObjectSpec("circle"),))
+    alone = np.full((64, 64, 3), 245, dtype=np.uint8)
+    alone[shape_mask("circle", 16, 16, 16)] = (220, 40, 40)
+    stray = alone.copy()
+    stray[shape_mask("square", 48, 48, 16)] = (40, 40, 220)
+    got = reward_fn("objects")(np.stack([alone, stray]), [spec, spec]).tolist()
+    assert got == pytest.approx([1.75, 0.25 * 2 / 3 + 0.25])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.config import ConfigError, load_config
-from shapes.world import Spec, all_specs, caption, conflicting_spec, render
+from shapes.world import PALETTE, ObjectSpec, Spec, all_specs, caption, conflicting_spec, render, shape_mask
 from rewards import base
 from rewards.base import Batch, RewardError, check_output, load_reward, register, run_reward
 from rewards.builtin import ClipScore, HttpReward, VerifierReward, shapes_metadata
@@ -99,7 +99,7 @@ def test_load_by_registry_import_path_and_errors(monkeypatch):
     with pytest.raises(RewardError, match=r"^reward 'test_rewards:nothing': module 'test_rewards' has no attr"):
         load_reward("test_rewards:nothing")
     with pytest.raises(RewardError, match=r"^reward 'verifier': could not construct VerifierReward \(ValueError: "
-                                          r"mode must be 'partial' or 'strict'"):
+                                          r"mode must be 'partial', 'strict' or 'objects'"):
         load_reward("verifier", {"mode": "lenient"})
 
 
@@ -118,6 +118,26 @@ def test_verifier_reward_partial_strict_and_checks():
     assert np.isnan(strict.subs["two-object"]).all()  # not a two-object prompt
     with pytest.raises(ValueError, match="metadata 1 has no 'spec'"):
         VerifierReward()(images, ["", ""], [meta[0], {}])
+
+
+def test_object_credit_counts_each_asked_object():
+    """mode "objects" (shapes.verifier.object_credit), hand-worked on "a red circle and a blue square": a red circle
+    and a green square earn 1 of 2 objects (1/2; exclusive: nothing else drawn is one more item, 2/3); with a stray
+    yellow triangle 1/2 and 1/3; both right 1; the strict verdict passes none but the last."""
+    spec = Spec("two-object", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue")))
+    img = np.full((64, 64, 3), 245, dtype=np.uint8)
+    img[shape_mask("circle", 16, 16, 16)] = PALETTE["red"]
+    half = img.copy()
+    half[shape_mask("square", 48, 48, 16)] = PALETTE["green"]
+    stray = half.copy()
+    stray[shape_mask("triangle", 16, 48, 16)] = PALETTE["yellow"]
+    right = img.copy()
+    right[shape_mask("square", 48, 48, 16)] = PALETTE["blue"]
+    images, meta = np.stack([half, stray, right]), shapes_metadata([spec] * 3)
+    assert VerifierReward("objects")(images, [""] * 3, meta)["score"] == pytest.approx([1 / 2, 1 / 2, 1])
+    exclusive = VerifierReward("objects", exclusive=True)(images, [""] * 3, meta)["score"]
+    assert exclusive == pytest.approx([2 / 3, 1 / 3, 1])
+    assert VerifierReward("strict")(images, [""] * 3, meta)["score"] == [0.0, 0.0, 1.0]
 
 
 def test_verifier_reward_rejects_conflicting_specs():
