@@ -64,27 +64,28 @@ def code_logprobs(cond: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def sample_scale(cond, uncond, w, temperature, top_k, top_p, u, logprobs: str | None = "conditional"):
     """One scale: (B, n, V) logits -> codes (B, n) and their log-prob (scale_logprobs; None for logprobs=None)."""
-    logits = guided_logits(cond.float(), None if uncond is None else uncond.float(), w)
+    logits = guided_logits(cond.float(), uncond, w)  # fp32 (uncond promotes)
     if temperature <= 0:
         codes = logits.argmax(-1)
     else:
         codes = inverse_cdf(filter_logits(logits / temperature, top_k, top_p).softmax(-1), u)
-    return codes, scale_logprobs(cond, uncond, w, temperature, codes, logprobs)
+    return codes, scale_logprobs(cond, logits, temperature, codes, logprobs)
 
 
-def scale_logprobs(cond, uncond, w, temperature, codes, logprobs: str | None) -> torch.Tensor | None:
-    """The log-probs a rollout logs: of the unguided conditional policy, or ("guided") of the distribution the codes
-    are drawn from before top-k/top-p, (uncond + w (cond - uncond)) / T: what loss.score: guided scores."""
+def scale_logprobs(cond, guided, temperature, codes, logprobs: str | None) -> torch.Tensor | None:
+    """The log-probs a rollout logs: of the unguided conditional policy (`cond` logits), or ("guided") of the
+    distribution the codes are drawn from before top-k/top-p, `guided` / T with guided = uncond + w (cond - uncond):
+    what loss.score: guided scores."""
     if logprobs is None:
         return None
     if logprobs == "conditional":
         return code_logprobs(cond, codes)
     if temperature <= 0:
         raise ValueError("logprobs: guided log-probs need a temperature > 0 (greedy has no log-prob)")
-    return code_logprobs(guided_logits(cond.float(), None if uncond is None else uncond.float(), w) / temperature,
-                         codes)
+    return code_logprobs(guided / temperature, codes)
 
 
+# --------------------------------------------------------------------------------------- next-scale sampler
 @dataclass
 class SampleOutput:
     codes: list[torch.Tensor]   # per scale (B, h_s, w_s) long
@@ -112,7 +113,9 @@ def _scale_codes(cond, uncond, setting, u, forced: torch.Tensor | None, logprobs
     if forced is None:
         return sample_scale(cond, uncond, *setting, u, logprobs)
     code = forced.to(cond.device, torch.long).reshape(cond.shape[0], -1)
-    return code, scale_logprobs(cond, uncond, *setting[:2], code, logprobs)
+    w, temperature = setting[:2]
+    guided = guided_logits(cond.float(), uncond, w)
+    return code, scale_logprobs(cond, guided, temperature, code, logprobs)
 
 
 def _text_batch(model: NextScaleLM, text_ids: list[list[int]], guided: bool):
