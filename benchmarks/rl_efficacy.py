@@ -6,6 +6,8 @@ configs/shapes-efficacy.yaml with the held-out evaluation (policy.evaluate: 96 i
 difference whose intervals overlap is reported as no difference.
 
     .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
+    .venv/bin/python benchmarks/rl_efficacy.py long --config configs/shapes-long.yaml --seeds 0
+                                                       (its own steps and eval.every; results rl_efficacy_shapes-long*)
     .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 100] [--seed 0]
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
 
@@ -32,12 +34,12 @@ KEYS = ["overall", *CATEGORIES]
 CONFIG_M = 4  # m of configs/shapes-efficacy.yaml
 
 
-def train(name: str, overrides: list[str]) -> dict:
+def train(name: str, overrides: list[str], config: Path = CONFIG) -> dict:
     """One `rl train` run (skipped when its summary exists); returns its record: evals, metrics, wall time."""
     run_dir = RUNS / name
     if not (run_dir / "summary.json").exists():
         t = time.perf_counter()
-        cmd = [sys.executable, "-m", "rl", "train", str(CONFIG), f"name={name}", f"runs_dir={RUNS}", *overrides]
+        cmd = [sys.executable, "-m", "rl", "train", str(config), f"name={name}", f"runs_dir={RUNS}", *overrides]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
         atomic_write_text(run_dir / "wall_seconds.txt", f"{time.perf_counter() - t:.1f}\n")
@@ -95,8 +97,13 @@ def verdict(before: tuple, after: tuple) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ long run
-def long_run(seeds: list[int], steps: int, eval_every: int) -> None:
-    runs = [train(f"long-seed{s}", [f"seed={s}", f"steps={steps}", f"eval.every={eval_every}"]) for s in seeds]
+def long_run(seeds: list[int], steps: int | None, eval_every: int | None, config: Path = CONFIG) -> None:
+    """configs/shapes-efficacy.yaml: runs long-seedS, results rl_efficacy*; another config (its own steps and
+    eval.every unless given): runs long-STEM-seedS, results rl_efficacy_STEM*."""
+    stem = "" if config == CONFIG else f"-{config.stem}"
+    given = [f"steps={steps}"] * (steps is not None) + [f"eval.every={eval_every}"] * (eval_every is not None)
+    runs = [train(f"long{stem}-seed{s}", [f"seed={s}", *given], config) for s in seeds]
+    steps = runs[0]["reward"][-1][0]
     rows = []
     for label, part in (("before (shipped policy)", "before"), (f"after {steps} steps", "after")):
         rows.append([label] + [cell(*pooled([r[part] for r in runs], k)) for k in KEYS]
@@ -113,8 +120,9 @@ def long_run(seeds: list[int], steps: int, eval_every: int) -> None:
                  f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, {d['lost']} lost)"
                  for k, d in paired.items()) + ".\n\n"
              + md_table(["run", "before", "after", "gain", "wall min"], per_seed))
-    plot_long(runs, OUT / "rl_efficacy.png")
-    write_result("rl_efficacy", {"runs": runs, "before": b, "after": a, "paired": paired}, table)
+    out = "rl_efficacy" + stem.replace("-", "_", 1)
+    plot_long(runs, OUT / f"{out}.png")
+    write_result(out, {"runs": runs, "before": b, "after": a, "paired": paired}, table)
 
 
 def moving_average(xs, window: int) -> list[float]:
@@ -206,12 +214,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--config", type=Path, default=CONFIG, help="the long run's config (default: shapes-efficacy)")
     ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     ap.add_argument("--vmr-m", type=int, default=2)
     args = ap.parse_args()
     if args.mode in ("long", "report"):
-        long_run(args.seeds, args.steps or 150, args.eval_every)
+        default = args.config.resolve() == CONFIG
+        long_run(args.seeds, args.steps or (150 if default else None), args.eval_every or (25 if default else None),
+                 CONFIG if default else args.config.resolve())
     if args.mode in ("ablation", "report"):
         ablation(args.ms, args.vmr_m, args.steps or 100, args.seed)
 
