@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from core.settings import SampleConfig
-from policy.sampler import guidance_weights, per_scale
+from policy.sampler import guidance_weights, guided_logits, per_scale
 from policy.scales import scale_index_per_token
 from policy.sequence import attention_mask, left_pad, position_ids, same_padding_rows
 from policy.tokenizer import MultiScaleVQ
@@ -77,7 +77,7 @@ def guided_prefix_logits(model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[li
     both = teacher_forced_logits(model, vq, list(text_ids) + [[]] * b, [torch.cat([c, c]) for c in codes], m).float()
     cond, uncond = both[:b], both[b:]
     g = g.to(cond.device)
-    return (uncond + g.weight[:, None] * (cond - uncond)) / g.temperature[:, None]
+    return guided_logits(cond, uncond, g.weight[:, None]) / g.temperature[:, None]
 
 
 def score_prefix(
