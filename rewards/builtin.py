@@ -11,7 +11,7 @@ import numpy as np
 
 from shapes.world import Spec
 from rewards.base import Batch
-from shapes.verifier import JUDGES, object_credit, partial_credit, score
+from shapes.verifier import JUDGES, checks_of, detect, object_credit, partial_credit
 from rewards.wire import batch_to_json, post_json
 
 CHECKS = ("object", "colour", "count", "two-object", "position", "only", "all")  # every check it can report
@@ -43,9 +43,9 @@ class VerifierReward:
         for i, (img, meta) in enumerate(zip(images, metadata)):
             if "spec" not in meta:
                 raise ValueError(f"metadata {i} has no 'spec'")
-            spec = Spec.from_json(meta["spec"])
-            checks.append(score(img, spec, self.judge, self.exclusive))
-            main.append(object_credit(img, spec, self.judge, self.exclusive) if self.mode == "objects"
+            spec, blobs = Spec.from_json(meta["spec"]), detect(img, self.judge)  # detected once for both
+            checks.append(checks_of(blobs, spec, self.exclusive))
+            main.append(object_credit(blobs, spec, self.exclusive) if self.mode == "objects"
                         else partial_credit(checks[-1]) if self.mode == "partial" else float(checks[-1]["all"]))
         keys = CHECKS if self.exclusive else [k for k in CHECKS if k != "only"]   # "only" exists only when asked
         return {"score": main, **{k: [float(c[k]) if k in c else np.nan for c in checks] for k in keys}}

@@ -177,7 +177,11 @@ def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str
     `exclusive` adds the check "only": the image holds no blob beyond the objects asked (GenEval's checks ignore
     extra objects, so a policy can pass them by splashing many blobs and hoping one matches).
     """
-    blobs = detect(image, judge)
+    return checks_of(detect(image, judge), spec, exclusive)
+
+
+def checks_of(blobs: list[Blob], spec: Spec, exclusive: bool = False) -> dict[str, bool]:
+    """score's checks on blobs already detected."""
     checks: dict[str, bool] = {}
     objs = spec.objects
     checks["object"] = all(any(b.shape == o.shape for b in blobs) for o in objs)
@@ -198,12 +202,10 @@ def score(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str
     return checks
 
 
-def object_credit(image: np.ndarray, spec: Spec, judge: str | Callable[[np.ndarray], str] = "fill",
-                  exclusive: bool = False) -> float:
-    """Per-object credit: the fraction of the asked objects drawn with their shape, colour and exact count (with
-    `exclusive`, "nothing else drawn" counts as one more item). Denser than the checks, whose colour and count pass
-    only when every object does: one of two objects right earns half."""
-    blobs = detect(image, judge)
+def object_credit(blobs: list[Blob], spec: Spec, exclusive: bool = False) -> float:
+    """Per-object credit on detected blobs: the fraction of the asked objects drawn with their shape, colour and
+    exact count (with `exclusive`, "nothing else drawn" counts as one more item). Denser than the checks, whose
+    colour and count pass only when every object does: one of two objects right earns half."""
     hits = [sum(_matches(b, o.shape, o.colour) for b in blobs) == o.count for o in spec.objects]
     if exclusive:
         hits.append(len(blobs) == sum(o.count for o in spec.objects))
