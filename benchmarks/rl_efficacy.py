@@ -9,6 +9,8 @@ difference whose intervals overlap is reported as no difference.
     .venv/bin/python benchmarks/rl_efficacy.py long --config configs/shapes-long.yaml --seeds 0
                                                        (its own steps and eval.every; results rl_efficacy_shapes-long*)
     .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 100] [--seed 0]
+    .venv/bin/python benchmarks/rl_efficacy.py ablation --config configs/shapes-tiny.yaml --steps 220 --vmr-m 0
+                                                       (runs ablation-STEM-mM-seedS, results rl_ablation_STEM*)
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
 
 Runs go to runs/efficacy/NAME; tables, JSON and PNGs to benchmarks/results/rl_efficacy* and rl_ablation*.
@@ -100,7 +102,7 @@ def verdict(before: tuple, after: tuple) -> str:
 def long_run(seeds: list[int], steps: int | None, eval_every: int | None, config: Path = CONFIG) -> None:
     """configs/shapes-efficacy.yaml: runs long-seedS, results rl_efficacy*; another config (its own steps and
     eval.every unless given): runs long-STEM-seedS, results rl_efficacy_STEM*."""
-    stem = "" if config == CONFIG else f"-{config.stem}"
+    stem = stem_of(config)
     given = [f"steps={steps}"] * (steps is not None) + [f"eval.every={eval_every}"] * (eval_every is not None)
     runs = [train(f"long{stem}-seed{s}", [f"seed={s}", *given], config) for s in seeds]
     steps = runs[0]["reward"][-1][0]
@@ -153,11 +155,11 @@ def plot_long(runs: list[dict], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ m-ablation
-def ablation_run(m: int, steps: int, seed: int, base: list[str]) -> dict:
-    """The config's own m at a step the long run evaluated is the long run cut there (the evaluations between
-    steps do not change training: rollout seeds belong to units), so it is not run twice."""
+def ablation_run(m: int, steps: int, seed: int, base: list[str], config: Path = CONFIG) -> dict:
+    """The default config's own m at a step the long run evaluated is the long run cut there (the evaluations
+    between steps do not change training: rollout seeds belong to units), so it is not run twice."""
     long_dir = RUNS / f"long-seed{seed}"
-    if m == CONFIG_M and (long_dir / "summary.json").exists():
+    if config == CONFIG and m == CONFIG_M and (long_dir / "summary.json").exists():
         run = load_run(long_dir)
         at = [c for c in run["curve"] if c["step"] == steps]
         if at:
@@ -165,15 +167,21 @@ def ablation_run(m: int, steps: int, seed: int, base: list[str]) -> dict:
             cpu = [r["learner/cpu_seconds"] for r in cpu if "learner/cpu_seconds" in r and r["step"] <= steps]
             return run | {"after": at[0], "learner_cpu_s": sum(cpu) / len(cpu), "after_dir": f"eval_step_{steps}",
                           "wall_s": run["wall_s"] * steps / len(run["reward"])}
-    return train(f"ablation-m{m}-seed{seed}", base + [f"m={m}"])
+    return train(f"ablation{stem_of(config)}-m{m}-seed{seed}", base + [f"m={m}"], config)
 
 
-def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int) -> None:
-    base = [f"seed={seed}", f"steps={steps}", "eval.every=0"]
-    runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), ablation_run(m, steps, seed, base)) for m in ms]
-    if vmr_m is not None:
-        runs.append((f"m={vmr_m} + VMR (K=2, eta=1)",
-                     train(f"ablation-m{vmr_m}-vmr-seed{seed}", base + [f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"])))
+def stem_of(config: Path) -> str:
+    """'' for configs/shapes-efficacy.yaml, else '-STEM': run names and result files of another config."""
+    return "" if config == CONFIG else f"-{config.stem}"
+
+
+def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int, config: Path = CONFIG) -> None:
+    base, stem = [f"seed={seed}", f"steps={steps}", "eval.every=0"], stem_of(config)
+    runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), ablation_run(m, steps, seed, base, config))
+            for m in ms]
+    if vmr_m:
+        runs.append((f"m={vmr_m} + VMR (K=2, eta=1)", train(f"ablation{stem}-m{vmr_m}-vmr-seed{seed}",
+                                                            base + [f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"], config)))
     before = pooled([runs[0][1]["before"]], "overall")
     full_cpu = next(r["learner_cpu_s"] for label, r in runs if label.endswith("(full GRPO)"))
     base = verdicts(runs[0][1], "eval_before")
@@ -183,12 +191,14 @@ def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int) -> None:
         d = paired_difference(base, verdicts(r, r.get("after_dir", "eval_after")))
         rows.append([label, cell(*after), f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]",
                      f"{r['learner_cpu_s']:.2f}", f"{r['learner_cpu_s'] / full_cpu:.2f}", f"{r['wall_s'] / 60:.1f}"])
-    table = (f"m-ablation: {steps} steps, seed {seed}, the same prompts and seeds for every m; held-out strict "
-             f"overall with 95% Wilson intervals over {runs[0][1]['after']['num_images']} images.\n\n"
+    n = runs[0][1]["after"]["num_images"]
+    table = (f"m-ablation{f' ({config.name})' * bool(stem)}: {steps} steps, seed {seed}, the same prompts and seeds "
+             f"for every m; held-out strict overall with 95% Wilson intervals over {n} images.\n\n"
              + md_table(["run", "held-out strict", "paired gain vs shipped", "learner CPU-s / step", "vs full",
                          "wall min"], rows))
-    plot_ablation(runs, OUT / "rl_ablation.png")
-    write_result("rl_ablation", {"runs": dict(runs), "before": before}, table)
+    out = "rl_ablation" + stem.replace("-", "_", 1)
+    plot_ablation(runs, OUT / f"{out}.png")
+    write_result(out, {"runs": dict(runs), "before": before}, table)
 
 
 def plot_ablation(runs: list[tuple[str, dict]], path: Path) -> None:
@@ -215,16 +225,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
-    ap.add_argument("--config", type=Path, default=CONFIG, help="the long run's config (default: shapes-efficacy)")
+    ap.add_argument("--config", type=Path, default=CONFIG, help="the runs' config (default: shapes-efficacy)")
     ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
-    ap.add_argument("--vmr-m", type=int, default=2)
+    ap.add_argument("--vmr-m", type=int, default=2, help="m of the VMR row (0: no VMR row)")
     args = ap.parse_args()
+    config = args.config.resolve()
+    default = config == CONFIG
     if args.mode in ("long", "report"):
-        default = args.config.resolve() == CONFIG
         long_run(args.seeds, args.steps or (150 if default else None), args.eval_every or (25 if default else None),
-                 CONFIG if default else args.config.resolve())
+                 config)
     if args.mode in ("ablation", "report"):
-        ablation(args.ms, args.vmr_m, args.steps or 100, args.seed)
+        ablation(args.ms, args.vmr_m, args.steps or 100, args.seed, config)
 
 
 if __name__ == "__main__":
