@@ -1,8 +1,8 @@
 """Does prefix-GRPO make the shipped tiny policy better? The long run (3 seeds) and the m-ablation (with VMR).
 
 Every run is a real `python -m rl train` (local Ray, Serve reward service, DeepSpeed learner) of
-configs/shapes-efficacy.yaml with the held-out evaluation (policy.evaluate: 96 images per category, the same
-(prompt, seed) pairs at every evaluation) every `eval.every` steps. Figures carry 95% Wilson intervals; a
+configs/shapes-efficacy.yaml (or `--config PATH`) with the held-out evaluation (policy.evaluate: 96 images per
+category, the same (prompt, seed) pairs at every evaluation) every `eval.every` steps. Figures carry 95% Wilson intervals; a
 difference whose intervals overlap is reported as no difference.
 
     .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
@@ -122,7 +122,7 @@ def long_run(seeds: list[int], steps: int | None, eval_every: int | None, config
                  f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, {d['lost']} lost)"
                  for k, d in paired.items()) + ".\n\n"
              + md_table(["run", "before", "after", "gain", "wall min"], per_seed))
-    out = "rl_efficacy" + stem.replace("-", "_", 1)
+    out = result_name("rl_efficacy", config)
     plot_long(runs, OUT / f"{out}.png")
     write_result(out, {"runs": runs, "before": b, "after": a, "paired": paired}, table)
 
@@ -175,6 +175,11 @@ def stem_of(config: Path) -> str:
     return "" if config == CONFIG else f"-{config.stem}"
 
 
+def result_name(prefix: str, config: Path) -> str:
+    """rl_efficacy / rl_ablation for the default config, else PREFIX_STEM (the results of another config)."""
+    return prefix + stem_of(config).replace("-", "_", 1)
+
+
 def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int, config: Path = CONFIG) -> None:
     base, stem = [f"seed={seed}", f"steps={steps}", "eval.every=0"], stem_of(config)
     runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), ablation_run(m, steps, seed, base, config))
@@ -196,7 +201,7 @@ def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int, config: Pa
              f"for every m; held-out strict overall with 95% Wilson intervals over {n} images.\n\n"
              + md_table(["run", "held-out strict", "paired gain vs shipped", "learner CPU-s / step", "vs full",
                          "wall min"], rows))
-    out = "rl_ablation" + stem.replace("-", "_", 1)
+    out = result_name("rl_ablation", config)
     plot_ablation(runs, OUT / f"{out}.png")
     write_result(out, {"runs": dict(runs), "before": before}, table)
 
