@@ -2,8 +2,8 @@
 
 Every run is a real `python -m rl train` (local Ray, Serve reward service, DeepSpeed learner) of
 configs/shapes-efficacy.yaml (or `--config PATH`) with the held-out evaluation (policy.evaluate: 96 images per
-category, the same (prompt, seed) pairs at every evaluation) every `eval.every` steps. Figures carry 95% Wilson intervals; a
-difference whose intervals overlap is reported as no difference.
+category, the same (prompt, seed) pairs at every evaluation) every `eval.every` steps. Figures carry 95% Wilson
+intervals; a difference whose intervals overlap is reported as no difference.
 
     .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
     .venv/bin/python benchmarks/rl_efficacy.py long --config configs/shapes-long.yaml --seeds 0
