@@ -158,10 +158,11 @@ class LearnerActor:
             micro, gaps = zip(*(learner_old_logprobs(self._scores, mb) for mb in micro))
             records.append({"rollout_logp_max_abs_dev": max(gaps)})
         for p in range(self.cfg.passes):
+            lr = float(self.engine.get_lr()[0])  # this pass's (a DeepSpeed `scheduler` moves it per optimiser step)
             for mb, ref in zip(micro, refs):
                 scale = micro_loss_scale(len(mb), len(shard), gas)
                 records.append(self._micro_step(mb, ref, scale, first_pass=p == 0))
-            records.append({"grad_norm": self._last_grad_norm})
+            records.append({"grad_norm": self._last_grad_norm, "lr": lr})
         records.append({"cpu_seconds": time.process_time() - cpu0})  # this rank's CPU time of the step (mean over ranks)
         return records
 

@@ -85,8 +85,19 @@ def step_metrics(rows: StepRows, workers: int) -> dict[str, float]:
     p = rows.prefix
     return {"reward/mean": p.rewards.mean().item(), "reward/std": p.rewards.std().item(),
             "zero_std_groups": zero_std_fraction(p.values), "rollout/workers": workers, **vmr_metrics(p),
-            **{f"reward/{k}/mean": float(v.mean()) for k, v in p.components.items()},
-            **{f"reward/{k}/std": float(v.std()) for k, v in p.components.items()}}
+            **component_metrics(p.components)}
+
+
+def component_metrics(components: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean and std of each reward component over the rows it applies to: NaN marks a row without it (a verifier
+    check the prompt does not ask, e.g. "position" for "a circle"); a component no row has this step is left out."""
+    out = {}
+    for k, v in components.items():
+        v = np.asarray(v, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        if len(v):
+            out[f"reward/{k}/mean"], out[f"reward/{k}/std"] = float(v.mean()), float(v.std())
+    return out
 
 
 class StreamedRewards:

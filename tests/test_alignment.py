@@ -92,3 +92,15 @@ def test_rollout_record_rows_match_their_sample():
         assert table["reward"][r] == pytest.approx(reward_of(i, j, 0))
         assert table["completion_rewards"][r] == pytest.approx([reward_of(i, j, 0), reward_of(i, j, 1)])
         assert table["advantage"][r] == pytest.approx(rows.batch.advantages[r].item(), rel=1e-6)
+
+
+def test_component_metrics_skip_rows_without_the_check():
+    """A verifier check a prompt does not ask is NaN in its row: the step's mean / std are over the other rows,
+    and a check no row asks is left out (it used to be logged as NaN for every step)."""
+    from rl.step import component_metrics
+
+    out = component_metrics({"strict/colour": np.array([1.0, np.nan, 0.0, 1.0]),
+                             "strict/position": np.array([np.nan] * 4), "strict/all": np.array([1.0, 0.0, 0.0, 0.0])})
+    assert out["reward/strict/colour/mean"] == pytest.approx(2 / 3)
+    assert out["reward/strict/colour/std"] == pytest.approx(np.std([1.0, 0.0, 1.0]))
+    assert out["reward/strict/all/mean"] == 0.25 and "reward/strict/position/mean" not in out
