@@ -211,7 +211,11 @@ def _check_step(metrics: dict) -> None:
 @pytest.mark.slow
 def test_one_rank_step_and_checkpoint(local_ray, world, full_batch_grad_norm, tmp_path):
     policy, path, batch = world
-    cfg = LearnerConfig(batch_size=4, micro_batch_size=3, lr=1e-3)   # micro-batches of 3 + 1 rows
+    # micro-batches of 3 + 1 rows; DeepSpeed's WarmupCosineLR through `deepspeed` (its warm-up schedulers spend the
+    # first optimiser step at lr 0): lr x 0 at step 1, x 0.5 at step 2 (the warm-up floor), x 1 at step 3
+    sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": 4, "warmup_num_steps": 2,
+                                                  "warmup_min_ratio": 0.5, "cos_min_ratio": 0.1}}
+    cfg = LearnerConfig(batch_size=4, micro_batch_size=3, lr=1e-3, deepspeed={"scheduler": sched})
     group = LearnerGroup(path, M, 0.8, GRPOLossConfig(beta=0.01), cfg)
     try:
         before = group.trainable_state()
@@ -220,18 +224,20 @@ def test_one_rank_step_and_checkpoint(local_ray, world, full_batch_grad_norm, tm
         _check_step(metrics)
         assert metrics["kl_ref"] <= 1e-8                             # reference = initial weights = first pass
         assert math.isclose(metrics["grad_norm"], full_batch_grad_norm, rel_tol=1e-4)  # micro-batches of 3 + 1
+        assert metrics["lr"] == 0.0
         after = group.trainable_state()
-        assert _changed(before, after)
+        assert not _changed(before, after)                                # lr 0: Adam and weight decay do nothing
         ref = group.score(batch.text_ids, batch.codes, reference=True)    # frozen copy of the initial policy
         assert (ref.logprobs - batch.old_logprobs).abs().max() <= 1e-4
         group.save(tmp_path / "ckpt")
-        group.step(batch)
+        assert math.isclose(group.step(batch)["lr"], 5e-4)
         second = group.trainable_state()
         assert group.version == 2 and _changed(after, second)
         group.load(tmp_path / "ckpt")
         assert group.version == 1 and not _changed(after, group.trainable_state())
-        group.step(batch)                                                 # Adam moments restored too: same step 2
-        assert not _changed(second, group.trainable_state())
+        assert math.isclose(group.step(batch)["lr"], 5e-4)              # the scheduler's state is restored too
+        assert not _changed(second, group.trainable_state())            # and Adam's moments: the same step 2
+        assert math.isclose(group.step(batch)["lr"], 1e-3)
     finally:
         group.shutdown()
 
