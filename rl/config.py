@@ -42,6 +42,8 @@ class GRPOLossConfig(_Strict):
     eps_hi: float = describe(0.28, "upper clip of the probability ratio (1 + eps_hi; clip-higher)", ge=0)
     beta: float = describe(0.0, "KL weight towards the initial policy; 0: no KL term, no reference model", ge=0)
     kl: Literal["k1", "k3"] = describe("k3", "KL estimator")
+    neg_weight: float = describe(1.0, "weight of the negative advantages in the loss; < 1 leans on the samples "
+                                      "that did better than their group", ge=0)
     score: Literal["conditional", "guided"] = describe(
         "conditional", "the policy the loss scores: the unguided conditional one, or the CFG-guided distribution "
         "the rollouts sample (rollout.sample's cfg_scale, guidance_schedule, temperature; the rollouts log old "
@@ -128,6 +130,8 @@ class RunConfig(_Strict):
     alpha: float = describe(0.7, "per-scale weight exponent of the loss (k_s ~ n_s^-alpha)", ge=0)
     normalize_std: bool = describe(True, "divide a group's advantages by its reward std")
     adv_eps: float = describe(1e-4, "added to the std when normalising advantages", gt=0)
+    down_sample: int = describe(0, "train on this many of each group's G samples: those whose rewards vary most "
+                                   "(PODS max-variance down-sampling; advantages within them); 0: all G", ge=0)
     loss: GRPOLossConfig = describe(GRPOLossConfig(), "the clipped GRPO loss")
     vmr: VMRConfig = describe(VMRConfig(), "middle-step value over K completions per prefix; k = 1: off")
     learner: LearnerConfig = describe(LearnerConfig(), "the DeepSpeed learner ranks")
@@ -152,10 +156,11 @@ class RunConfig(_Strict):
                             for k, v in entry.kwargs.items()}
         self._check_precision()
         self._check_guided_scoring()
-        rows = self.prompts_per_step * self.group_size
-        if rows % self.learner.num_ranks:
+        if self.down_sample and not 2 <= self.down_sample <= self.group_size:
+            raise ValueError(f"down_sample: {self.down_sample} must lie in 2..group_size ({self.group_size}), or be 0")
+        if self.train_rows % self.learner.num_ranks:
             raise ValueError(f"learner.num_ranks: {self.learner.num_ranks} does not divide the batch of "
-                             f"{rows} samples (prompts_per_step x group_size)")
+                             f"{self.train_rows} samples (prompts_per_step x (down_sample or group_size))")
         if info.context and not info.context.get("check_paths", True):
             return self
         cfg_file = Path(self.policy_path) / "transformer" / "config.json"
@@ -208,6 +213,11 @@ class RunConfig(_Strict):
 
             data["storage"] = public_uri(data["storage"])
         return data
+
+    @property
+    def train_rows(self) -> int:
+        """The learner's rows per step: prompts_per_step x (down_sample or group_size)."""
+        return self.prompts_per_step * (self.down_sample or self.group_size)
 
     @property
     def run_dir(self) -> Path:

@@ -172,7 +172,7 @@ class Driver:
             raise ValueError(problem)
         self.control = start_control(cfg.name, cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
         self.rewards = RewardClient(start_service(cfg.rewards, cfg.logging.verbose), cfg.rewards)
-        learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.prompts_per_step * cfg.group_size})
+        learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.train_rows})
         self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg,
                                     env_vars=credential_env() if self.store.remote else None, sample=cfg.rollout.sample)
         if isinstance(ckpt, str):  # on storage: every rank downloads the files it needs
@@ -228,7 +228,7 @@ class Driver:
         self.doing = f"step {step}"
         t0 = time.perf_counter()
         units, results, score = self.prefetched.pop(step, None) or self._rollouts(step, state.cursor)
-        rows = assemble_step(units, results, score, cfg.m, cfg.vmr, cfg.normalize_std, cfg.adv_eps)
+        rows = assemble_step(units, results, score, cfg.m, cfg.vmr, cfg.normalize_std, cfg.adv_eps, cfg.down_sample)
         trained_from = self.learner.version  # the weights this step's gradient is applied to
         stale = check_staleness(results, trained_from, cfg.loop.off_policy_steps)
         if self._overlaps(step):

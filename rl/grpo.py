@@ -5,8 +5,10 @@ Shapes: P prompts x G samples = B rows; N = tokens of scales 1..m; k (N,) = k_s 
     A_i = (R_i - mean_G R) / (std_G R + eps)                 (std normalisation switchable; std is Bessel-corrected)
     rho = exp(log pi_theta - log pi_old)                     per token, conditional policy without CFG
     L   = - sum_i sum_tok k min(rho A_i, clip(rho, 1 - eps_lo, 1 + eps_hi) A_i) / sum_i sum_tok k  +  beta KL
+          with A_i := w_neg A_i where A_i < 0                (loss.neg_weight; 1: off)
     KL  = sum_i sum_tok k kl_tok / sum_i sum_tok k,  kl_tok = exp(d) - d - 1 (k3) or -d (k1), d = log pi_ref - log pi_theta
     V_m = eta log mean_k exp(R_k / eta)                      VMR: value of a prefix over K completions (R_i := V_m)
+    S_p = argmax_{S in G, |S| = keep} Var(R_S)               down-sampling (PODS): the rows a group trains on
 """
 from __future__ import annotations
 
@@ -26,9 +28,30 @@ def group_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: flo
     return adv
 
 
+def max_variance_subset(rewards: torch.Tensor, keep: int) -> torch.Tensor:
+    """(P, G) rewards -> (P, keep) column indices, ascending: per group, the `keep` samples whose rewards have the
+    largest variance (PODS, max-variance down-sampling). The best subset is the i highest and keep - i lowest
+    rewards for some i, so keep + 1 candidates per group; ties go to the smallest i (then to the lowest index)."""
+    g = rewards.shape[1]
+    if not 1 <= keep <= g:
+        raise ValueError(f"down_sample: {keep} must lie in 1..{g} (the group size)")
+    order = torch.argsort(rewards, dim=1, stable=True)
+    picks = []
+    for row, idx in zip(rewards, order):
+        cands = [torch.cat([idx[:keep - i], idx[g - i:]]) for i in range(keep + 1)]
+        var = torch.stack([row[c].var(unbiased=False) for c in cands])
+        picks.append(cands[int(var.argmax())].sort().values)
+    return torch.stack(picks)
+
+
 def zero_std_fraction(rewards: torch.Tensor) -> float:
     """Fraction of groups whose rewards are all equal (they carry no learning signal)."""
     return (rewards.std(dim=1) == 0).float().mean().item() if rewards.shape[1] > 1 else 1.0
+
+
+def weight_negative(adv: torch.Tensor, w: float) -> torch.Tensor:
+    """The advantages with the negative ones scaled by w (w = 1: unchanged)."""
+    return torch.where(adv < 0, w * adv, adv)
 
 
 def token_ratio(logp_new: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor:
@@ -57,7 +80,7 @@ def prefix_grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The prefix-GRPO loss over (B, N) per-token log-probs of scales 1..m; adv (B,), k (N,)."""
     ratio = token_ratio(logp_new, logp_old)
-    a = adv[:, None]
+    a = weight_negative(adv, cfg.neg_weight)[:, None]
     loss = -weighted_token_mean(clipped_surrogate(ratio, a, cfg.eps_lo, cfg.eps_hi), k)
     metrics = {}
     if cfg.beta:

@@ -11,7 +11,7 @@ import torch
 
 from rewards.combine import Scored
 from rl.config import RunConfig, VMRConfig
-from rl.grpo import group_advantages, zero_std_fraction
+from rl.grpo import group_advantages, max_variance_subset, zero_std_fraction
 from rl.prompts import prompts_at
 from rl.update import TrainBatch
 from rl.vmr import PrefixScores, completion_batch, prefix_scores, vmr_metrics
@@ -26,13 +26,17 @@ def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -
             for i, ((p, meta), t) in enumerate(zip(picked, ids))]
 
 
-def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int) -> TrainBatch:
-    """The learner's rows in unit order (G per unit): row i's text, codes and old log-probs are those of sample i."""
+def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int,
+                keep: torch.Tensor | None = None) -> TrainBatch:
+    """The learner's rows in unit order: row i's text, codes, old log-probs and advantage are those of sample i.
+    keep (P, k): the samples of each unit that train (down-sampling), in that order; None: all G."""
+    keep = keep if keep is not None else torch.arange(advantages.shape[1]).expand(len(units), -1)
     rows = [results[u.uid] for u in units]
-    text = [list(u.text_ids) for u in units for _ in range(u.group_size)]
-    codes = [torch.from_numpy(np.concatenate([r.codes[s] for r in rows])) for s in range(m)]
-    old = torch.from_numpy(np.concatenate([r.logprobs for r in rows]))
-    return TrainBatch(text_ids=text, codes=codes, old_logprobs=old, advantages=advantages.reshape(-1).float())
+    text = [list(u.text_ids) for u in units for _ in range(keep.shape[1])]
+    codes = [torch.from_numpy(np.concatenate([r.codes[s][j.numpy()] for r, j in zip(rows, keep)])) for s in range(m)]
+    old = torch.from_numpy(np.concatenate([r.logprobs[j.numpy()] for r, j in zip(rows, keep)]))
+    return TrainBatch(text_ids=text, codes=codes, old_logprobs=old,
+                      advantages=advantages.gather(1, keep).reshape(-1).float())
 
 
 @dataclass
@@ -41,13 +45,15 @@ class StepRows:
     images: np.ndarray          # (B, H, W, 3) uint8 rollout images
     prompts: list[str]          # (B,)
     prefix: PrefixScores        # rewards / values (P, G), completions (P, G, K), components (B,)
-    advantages: torch.Tensor    # (P, G)
+    advantages: torch.Tensor    # (P, G); 0 for a sample left out by down-sampling
     batch: TrainBatch
+    trained: np.ndarray         # (B,) bool: the sample is one of the batch's rows
 
 
 def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, m: int, vmr: VMRConfig,
-                  normalize_std: bool, adv_eps: float) -> StepRows:
+                  normalize_std: bool, adv_eps: float, down_sample: int = 0) -> StepRows:
     """Rollouts -> reward batch -> `score(images, prompts, metadata)` -> prefix values -> advantages -> TrainBatch.
+    down_sample k > 0: each group trains on its k samples of largest value variance, advantages within them.
 
     Every row follows `units`, never the order the results came back in (`results` is keyed by uid)."""
     images = np.concatenate([results[u.uid].images for u in units])
@@ -55,18 +61,27 @@ def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, 
     meta = [u.metadata for u in units for _ in range(u.group_size)]
     scored = score(*completion_batch(units, results, images, prompts, meta, vmr.k))     # B * K images (VMR)
     prefix = prefix_scores(scored.total, scored.components, len(units), units[0].group_size, vmr)
-    adv = group_advantages(prefix.values, normalize_std, adv_eps)
-    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m))
+    keep = max_variance_subset(prefix.values, down_sample) if down_sample else None
+    if keep is None:
+        adv = group_advantages(prefix.values, normalize_std, adv_eps)
+    else:
+        sub = group_advantages(prefix.values.gather(1, keep), normalize_std, adv_eps)
+        adv = torch.zeros_like(prefix.values).scatter(1, keep, sub)
+    trained = np.ones(adv.numel(), bool) if keep is None else \
+        torch.zeros_like(adv, dtype=torch.bool).scatter(1, keep, True).reshape(-1).numpy()
+    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m, keep), trained)
 
 
 def step_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rows: StepRows,
                learner_version: int | None = None):
-    """The rollout record of a step (rollout/record.py), one row per sample in unit order; with the learner's
-    weight version at training, a `staleness` column (learner version - the sample's version)."""
+    """The rollout record of a step (rollout/record.py), one row per sample in unit order, with a `trained` column
+    (false: left out by down-sampling); with the learner's weight version at training, a `staleness` column
+    (learner version - the sample's version)."""
     p = rows.prefix
     table = rollout_table(step, units, results, p.rewards.view(-1).numpy(), p.components,
                           rows.advantages.view(-1).numpy(), p.values.reshape(-1).numpy(),
                           p.completions.reshape(len(rows.images), -1).numpy())
+    table = table.append_column("trained", pa.array(rows.trained, pa.bool_()))
     if learner_version is None:
         return table
     return table.append_column("staleness", pa.array(learner_version - np.asarray(table["version"]), pa.int64()))

@@ -104,3 +104,28 @@ def test_component_metrics_skip_rows_without_the_check():
     assert out["reward/strict/colour/mean"] == pytest.approx(2 / 3)
     assert out["reward/strict/colour/std"] == pytest.approx(np.std([1.0, 0.0, 1.0]))
     assert out["reward/strict/all/mean"] == 0.25 and "reward/strict/position/mean" not in out
+
+
+def test_down_sampled_rows_keep_their_sample():
+    """down_sample = 2 of G = 3: each unit trains on its two samples of largest reward spread (here the highest
+    and the lowest), advantages within the pair; the record marks them, the third sample has advantage 0."""
+    units = make_units()[::-1]
+    results = make_results(units, 1)
+    rows = assemble_step(units, results, score, M, VMRConfig(k=1), True, EPS, down_sample=2)
+    assert len(rows.batch.text_ids) == 2 * P and rows.trained.sum() == 2 * P
+    table = step_table(1, units, results, rows).to_pydict()
+    for p, u in enumerate(units):
+        own = [reward_of(u.index, j, 0) for j in range(G)]
+        picked = sorted([int(np.argmin(own)), int(np.argmax(own))])
+        pair = torch.tensor([own[j] for j in picked], dtype=torch.float64)
+        for r, j in enumerate(picked):
+            row = 2 * p + r
+            assert rows.batch.text_ids[row] == [u.index, u.index + 1]
+            assert all(int(c[row].flatten()[0]) == 10 * u.index + j for c in rows.batch.codes)
+            assert rows.batch.old_logprobs[row, 0].item() == 10 * u.index + j
+            want = ((pair[r] - pair.mean()) / (pair.std() + EPS)).item()
+            assert rows.batch.advantages[row].item() == pytest.approx(want, rel=1e-5)
+        for j in range(G):
+            assert table["trained"][p * G + j] == (j in picked)
+            assert table["advantage"][p * G + j] == (0.0 if j not in picked else pytest.approx(
+                rows.batch.advantages[2 * p + picked.index(j)].item(), rel=1e-6))

@@ -1,4 +1,5 @@
 """GRPO math against hand-worked cases, autograd against an analytic gradient, and TRL's formulas."""
+import itertools
 import math
 
 import pytest
@@ -7,8 +8,8 @@ from trl.trainer.utils import nanstd
 
 from policy.scales import scale_index_per_token, scale_weights, tiny_schedule
 from rl.grpo import (
-    GRPOLossConfig, clipped_surrogate, group_advantages, kl_estimate, per_scale_mean, prefix_grpo_loss, soft_value,
-    token_ratio, zero_std_fraction,
+    GRPOLossConfig, clipped_surrogate, group_advantages, kl_estimate, max_variance_subset, per_scale_mean,
+    prefix_grpo_loss, soft_value, token_ratio, weight_negative, zero_std_fraction,
 )
 
 
@@ -103,3 +104,30 @@ def test_per_scale_mean_and_soft_value():
     assert soft_value(r, 1.0).item() == pytest.approx(math.log((1 + math.e) / 2))
     assert soft_value(r, 1e-3).item() == pytest.approx(1.0 - 1e-3 * math.log(2), abs=1e-6)  # -> max as eta -> 0
     assert soft_value(r, 1e3).item() == pytest.approx(0.5, abs=1e-3)                       # -> mean as eta -> inf
+
+
+def test_max_variance_subset_hand_worked_and_brute_force():
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.5, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3, 0.3]])
+    assert max_variance_subset(r, 2).tolist() == [[0, 2], [0, 1]]       # one lowest + the highest; ties: lowest index
+    assert max_variance_subset(r, 4).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]  # {0, 0, 0, 1}: var 3/16 > {0, 0, .5, 1}
+    g = torch.Generator().manual_seed(0)
+    for keep in (2, 3, 5, 8):        # against every subset of size keep (rewards with ties: strict + partial credit)
+        r = torch.randint(0, 2, (6, 8), generator=g) + 0.25 * torch.randint(0, 3, (6, 8), generator=g) / 2
+        idx = max_variance_subset(r, keep)
+        for row, pick in zip(r, idx):
+            best = max(row[list(c)].var(unbiased=False).item() for c in itertools.combinations(range(8), keep))
+            assert pick.tolist() == sorted(set(pick.tolist())) and len(pick) == keep
+            assert row[pick].var(unbiased=False).item() == pytest.approx(best, abs=1e-9)
+    with pytest.raises(ValueError, match="down_sample: 9"):
+        max_variance_subset(r, 9)
+
+
+def test_negative_advantages_weighted_in_the_loss():
+    adv = torch.tensor([1.5, -0.5, 0.0, -2.0])
+    assert weight_negative(adv, 0.5).tolist() == [1.5, -0.25, 0.0, -1.0]
+    assert torch.equal(weight_negative(adv, 1.0), adv)
+    lp = torch.zeros(4, 3)
+    k = torch.ones(3)
+    plain, _ = prefix_grpo_loss(lp, lp, adv, k, GRPOLossConfig())
+    half, _ = prefix_grpo_loss(lp, lp, adv, k, GRPOLossConfig(neg_weight=0.5))
+    assert plain.item() == pytest.approx(1.0 / 4) and half.item() == pytest.approx(-0.25 / 4)  # -mean(A) at rho = 1

@@ -97,6 +97,8 @@ def test_config_validation_catches_cross_field_errors(rl_assets, tmp_path):
         load_config(RunConfig, path, ["m=9"])
     with pytest.raises(ConfigError, match="learner.num_ranks"):
         load_config(RunConfig, path, ["learner.num_ranks=5"])
+    with pytest.raises(ConfigError, match="down_sample: 9 must lie in 2..group_size"):
+        load_config(RunConfig, path, ["down_sample=9"])
     with pytest.raises(ConfigError, match="policy_path"):
         load_config(RunConfig, path, ["policy_path=/nonexistent"])
 
