@@ -12,6 +12,8 @@ intervals; a difference whose intervals overlap is reported as no difference.
     .venv/bin/python benchmarks/rl_efficacy.py ablation --config configs/shapes-tiny.yaml --steps 220 --vmr-m 0
                                                        (runs ablation-STEM-mM-seedS, results rl_ablation_STEM*)
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
+    .venv/bin/python benchmarks/rl_efficacy.py compare --config configs/shapes-tiny-pods.yaml \\
+        --against configs/shapes-tiny.yaml --seeds 0 1 2   (finished long runs of two configs, after vs after)
 
 Runs go to runs/efficacy/NAME; tables, JSON and PNGs to benchmarks/results/rl_efficacy* and rl_ablation*.
 """
@@ -69,16 +71,42 @@ def pooled(results: list[dict], key: str) -> tuple[float, float, float]:
     return k / n, lo, hi
 
 
+def paired_over(pairs: list[tuple[Path, Path]], key: str) -> dict:
+    """Paired change of the per-image verdict `key` from each pair's first scores.json to its second (the same
+    (prompt, seed) pairs), pooled over all pairs."""
+    first, second = [], []
+    for a, b in pairs:
+        x, y = (json.loads(p.read_text())["per_image"] for p in (a, b))
+        if [(r["prompt"], r["seed"]) for r in x] != [(r["prompt"], r["seed"]) for r in y]:
+            raise ValueError(f"{a} and {b} judged different (prompt, seed) pairs")
+        first += [r[key] for r in x]
+        second += [r[key] for r in y]
+    return paired_difference(first, second)
+
+
 def pooled_paired(runs: list[dict], key: str) -> dict:
     """Paired change of the per-image verdict `key` (after - before, same prompts and seeds) over all runs' images."""
-    before, after = [], []
-    for r in runs:
-        b, a = (json.loads((RUNS / r["name"] / f"eval_{t}" / "scores.json").read_text()) for t in ("before", "after"))
-        if [(x["prompt"], x["seed"]) for x in b["per_image"]] != [(x["prompt"], x["seed"]) for x in a["per_image"]]:
-            raise ValueError(f"{r['name']}: before and after judged different (prompt, seed) pairs")
-        before += [x[key] for x in b["per_image"]]
-        after += [x[key] for x in a["per_image"]]
-    return paired_difference(before, after)
+    return paired_over([tuple(RUNS / r["name"] / f"eval_{t}" / "scores.json" for t in ("before", "after"))
+                        for r in runs], key)
+
+
+def compare(config: Path, against: Path, seeds: list[int]) -> None:
+    """The finished long runs of `config` against those of `against`, seed by seed: after vs after on the same
+    (prompt, seed) pairs (a run's evaluation pairs follow its seed), pooled over the seeds."""
+    names = {str(c): [f"long{stem_of(c)}-seed{s}" for s in seeds] for c in (against, config)}
+    pairs = list(zip(*([RUNS / n / "eval_after" / "scores.json" for n in names[str(c)]] for c in (against, config))))
+
+    def row(label: str, ps: list) -> list[str]:
+        return [label] + [f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, "
+                          f"{d['lost']} lost)" for d in (paired_over(ps, k) for k in ("strict", "template"))]
+
+    rows = [row(f"seed {s}", [p]) for s, p in zip(seeds, pairs)] + [row(f"pooled, {len(seeds)} seeds", pairs)]
+    table = (f"`{config.name}` after vs `{against.name}` after, the same held-out (prompt, seed) pairs "
+             f"(paired, 95% interval):\n\n" + md_table(["seeds", "strict", "template judge"], rows))
+    out = f"rl_compare{stem_of(config).replace('-', '_', 1)}_vs{stem_of(against).replace('-', '_', 1)}"
+    paired = {k: paired_over(pairs, k) for k in ("strict", "template")}
+    write_result(out, {"config": str(config), "against": str(against), "seeds": seeds, "runs": names,
+                       "paired": paired}, table)
 
 
 def verdicts(run: dict, tag: str) -> list[int]:
@@ -225,12 +253,13 @@ def plot_ablation(runs: list[tuple[str, dict]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["long", "ablation", "report"])
+    ap.add_argument("mode", choices=["long", "ablation", "report", "compare"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--config", type=Path, default=CONFIG, help="the runs' config (default: shapes-efficacy)")
+    ap.add_argument("--against", type=Path, default=None, help="compare: the other config's finished long runs")
     ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     ap.add_argument("--vmr-m", type=int, default=2, help="m of the VMR row (0: no VMR row)")
     args = ap.parse_args()
@@ -239,6 +268,8 @@ def main() -> None:
     if args.mode in ("long", "report"):
         long_run(args.seeds, args.steps or (150 if default else None), args.eval_every or (25 if default else None),
                  config)
+    if args.mode == "compare":
+        compare(config, args.against.resolve(), args.seeds)
     if args.mode in ("ablation", "report"):
         ablation(args.ms, args.vmr_m, args.steps or 100, args.seed, config)
 
