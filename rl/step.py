@@ -27,10 +27,9 @@ def make_units(cfg: RunConfig, step: int, cursor: int, items: list, tokenizer) -
 
 
 def train_batch(units: list[WorkUnit], results: dict[str, UnitResult], advantages: torch.Tensor, m: int,
-                keep: torch.Tensor | None = None) -> TrainBatch:
+                keep: torch.Tensor) -> TrainBatch:
     """The learner's rows in unit order: row i's text, codes, old log-probs and advantage are those of sample i.
-    keep (P, k): the samples of each unit that train (down-sampling), in that order; None: all G."""
-    keep = keep if keep is not None else torch.arange(advantages.shape[1]).expand(len(units), -1)
+    keep (P, k): the samples of each unit that train (all G, or those down-sampling keeps), in that order."""
     rows = [results[u.uid] for u in units]
     text = [list(u.text_ids) for u in units for _ in range(keep.shape[1])]
     codes = [torch.from_numpy(np.concatenate([r.codes[s][j.numpy()] for r, j in zip(rows, keep)])) for s in range(m)]
@@ -61,14 +60,10 @@ def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, 
     meta = [u.metadata for u in units for _ in range(u.group_size)]
     scored = score(*completion_batch(units, results, images, prompts, meta, vmr.k))     # B * K images (VMR)
     prefix = prefix_scores(scored.total, scored.components, len(units), units[0].group_size, vmr)
-    keep = max_variance_subset(prefix.values, down_sample) if down_sample else None
-    if keep is None:
-        adv = group_advantages(prefix.values, normalize_std, adv_eps)
-    else:
-        sub = group_advantages(prefix.values.gather(1, keep), normalize_std, adv_eps)
-        adv = torch.zeros_like(prefix.values).scatter(1, keep, sub)
-    trained = np.ones(adv.numel(), bool) if keep is None else \
-        torch.zeros_like(adv, dtype=torch.bool).scatter(1, keep, True).reshape(-1).numpy()
+    keep = max_variance_subset(prefix.values, down_sample or units[0].group_size)      # all G when off
+    adv = torch.zeros_like(prefix.values).scatter(
+        1, keep, group_advantages(prefix.values.gather(1, keep), normalize_std, adv_eps))
+    trained = torch.zeros_like(adv, dtype=torch.bool).scatter(1, keep, True).reshape(-1).numpy()
     return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m, keep), trained)
 
 
