@@ -95,18 +95,20 @@ def compare(config: Path, against: Path, seeds: list[int]) -> None:
     (prompt, seed) pairs (a run's evaluation pairs follow its seed), pooled over the seeds."""
     names = {str(c): [f"long{stem_of(c)}-seed{s}" for s in seeds] for c in (against, config)}
     pairs = list(zip(*([RUNS / n / "eval_after" / "scores.json" for n in names[str(c)]] for c in (against, config))))
-
-    def row(label: str, ps: list) -> list[str]:
-        return [label] + [f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, "
-                          f"{d['lost']} lost)" for d in (paired_over(ps, k) for k in ("strict", "template"))]
-
-    rows = [row(f"seed {s}", [p]) for s, p in zip(seeds, pairs)] + [row(f"pooled, {len(seeds)} seeds", pairs)]
+    judges = ("strict", "template")
+    paired = {k: paired_over(pairs, k) for k in judges}
+    rows = [[f"seed {s}"] + [paired_cell(paired_over([p], k)) for k in judges] for s, p in zip(seeds, pairs)]
+    rows.append([f"pooled, {len(seeds)} seeds"] + [paired_cell(paired[k]) for k in judges])
     table = (f"`{config.name}` after vs `{against.name}` after, the same held-out (prompt, seed) pairs "
              f"(paired, 95% interval):\n\n" + md_table(["seeds", "strict", "template judge"], rows))
     out = f"rl_compare{stem_of(config).replace('-', '_', 1)}_vs{stem_of(against).replace('-', '_', 1)}"
-    paired = {k: paired_over(pairs, k) for k in ("strict", "template")}
     write_result(out, {"config": str(config), "against": str(against), "seeds": seeds, "runs": names,
                        "paired": paired}, table)
+
+
+def paired_cell(d: dict) -> str:
+    """A paired_difference result as 'diff [lo, hi] (G gained, L lost)'."""
+    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, {d['lost']} lost)"
 
 
 def verdicts(run: dict, tag: str) -> list[int]:
@@ -146,9 +148,7 @@ def long_run(seeds: list[int], steps: int | None, eval_every: int | None, config
              f"(95% Wilson intervals); last column: the template-overlap judge (not the training reward).\n\n"
              + md_table(["policy", *KEYS, "template judge"], rows)
              + f"\nMean gain {a[0] - b[0]:+.3f}: {verdict(b, a)}. Paired over the same {paired['strict']['n']} "
-             + "(prompt, seed) pairs: " + "; ".join(
-                 f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, {d['lost']} lost)"
-                 for k, d in paired.items()) + ".\n\n"
+             + "(prompt, seed) pairs: " + "; ".join(f"{k} {paired_cell(d)}" for k, d in paired.items()) + ".\n\n"
              + md_table(["run", "before", "after", "gain", "wall min"], per_seed))
     out = result_name("rl_efficacy", config)
     plot_long(runs, OUT / f"{out}.png")
@@ -269,6 +269,8 @@ def main() -> None:
         long_run(args.seeds, args.steps or (150 if default else None), args.eval_every or (25 if default else None),
                  config)
     if args.mode == "compare":
+        if args.against is None:
+            ap.error("compare: --against CONFIG is required (the config whose finished long runs to compare with)")
         compare(config, args.against.resolve(), args.seeds)
     if args.mode in ("ablation", "report"):
         ablation(args.ms, args.vmr_m, args.steps or 100, args.seed, config)
