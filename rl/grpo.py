@@ -35,13 +35,10 @@ def max_variance_subset(rewards: torch.Tensor, keep: int) -> torch.Tensor:
     g = rewards.shape[1]
     if not 1 <= keep <= g:
         raise ValueError(f"down_sample: {keep} must lie in 1..{g} (the group size)")
-    order = torch.argsort(rewards, dim=1, stable=True)
-    picks = []
-    for row, idx in zip(rewards, order):
-        cands = [torch.cat([idx[:keep - i], idx[g - i:]]) for i in range(keep + 1)]
-        var = torch.stack([row[c].var(unbiased=False) for c in cands])
-        picks.append(cands[int(var.argmax())].sort().values)
-    return torch.stack(picks)
+    values, order = torch.sort(rewards, dim=1, stable=True)
+    cands = torch.stack([torch.cat([torch.arange(keep - i), torch.arange(g - i, g)]) for i in range(keep + 1)])
+    var = torch.stack([values[:, c].var(dim=1, unbiased=False) for c in cands], dim=1)     # (P, keep + 1)
+    return order.gather(1, cands[var.argmax(dim=1)]).sort(dim=1).values
 
 
 def zero_std_fraction(rewards: torch.Tensor) -> float:

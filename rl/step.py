@@ -46,7 +46,7 @@ class StepRows:
     prefix: PrefixScores        # rewards / values (P, G), completions (P, G, K), components (B,)
     advantages: torch.Tensor    # (P, G); 0 for a sample left out by down-sampling
     batch: TrainBatch
-    trained: np.ndarray         # (B,) bool: the sample is one of the batch's rows
+    keep: torch.Tensor          # (P, k) the samples of each unit that are the batch's rows (k = G: all)
 
 
 def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, m: int, vmr: VMRConfig,
@@ -63,8 +63,7 @@ def assemble_step(units: list[WorkUnit], results: dict[str, UnitResult], score, 
     keep = max_variance_subset(prefix.values, down_sample or units[0].group_size)      # all G when off
     adv = torch.zeros_like(prefix.values).scatter(
         1, keep, group_advantages(prefix.values.gather(1, keep), normalize_std, adv_eps))
-    trained = torch.zeros_like(adv, dtype=torch.bool).scatter(1, keep, True).reshape(-1).numpy()
-    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m, keep), trained)
+    return StepRows(images, prompts, prefix, adv, train_batch(units, results, adv, m, keep), keep)
 
 
 def step_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult], rows: StepRows,
@@ -76,7 +75,8 @@ def step_table(step: int, units: list[WorkUnit], results: dict[str, UnitResult],
     table = rollout_table(step, units, results, p.rewards.view(-1).numpy(), p.components,
                           rows.advantages.view(-1).numpy(), p.values.reshape(-1).numpy(),
                           p.completions.reshape(len(rows.images), -1).numpy())
-    table = table.append_column("trained", pa.array(rows.trained, pa.bool_()))
+    trained = torch.zeros_like(rows.advantages, dtype=torch.bool).scatter(1, rows.keep, True).reshape(-1).numpy()
+    table = table.append_column("trained", pa.array(trained, pa.bool_()))
     if learner_version is None:
         return table
     return table.append_column("staleness", pa.array(learner_version - np.asarray(table["version"]), pa.int64()))

@@ -112,7 +112,7 @@ def test_down_sampled_rows_keep_their_sample():
     units = make_units()[::-1]
     results = make_results(units, 1)
     rows = assemble_step(units, results, score, M, VMRConfig(k=1), True, EPS, down_sample=2)
-    assert len(rows.batch.text_ids) == 2 * P and rows.trained.sum() == 2 * P
+    assert len(rows.batch.text_ids) == 2 * P and rows.keep.shape == (P, 2)
     table = step_table(1, units, results, rows).to_pydict()
     for p, u in enumerate(units):
         own = [reward_of(u.index, j, 0) for j in range(G)]
