@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +163,7 @@ class Driver:
     def _start(self, state: DriverState, ckpt: Path | None) -> None:
         from policy.text_tokenizer import load_text_tokenizer
         from rewards.client import RewardClient
-        from rewards.service import start_service
+        from rewards.service import check_rewards, start_service
         from rl.learner import LearnerGroup
 
         cfg = self.cfg
@@ -170,24 +172,28 @@ class Driver:
         problem = gpu_shortfall(run_gpu_asks(cfg), float(ray.cluster_resources().get("GPU", 0.0)))
         if problem:
             raise ValueError(problem)
+        check_rewards(cfg.rewards)
         self.control = start_control(cfg.name, cfg.rollout.workers, cfg.rollout.min_workers, cfg.rollout.max_workers)
-        self.rewards = RewardClient(start_service(cfg.rewards, cfg.logging.verbose), cfg.rewards)
         learner_cfg = cfg.learner.model_copy(update={"batch_size": cfg.train_rows})
-        self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg,
+        # the learner's placement group first (its CPUs before the workers'), then every process starts at once:
+        # the ranks, the rollout workers and the reward replicas each spend seconds importing torch and friends
+        self.learner = LearnerGroup(cfg.policy_path, cfg.m, cfg.alpha, cfg.loss, learner_cfg, wait=False,
                                     env_vars=credential_env() if self.store.remote else None, sample=cfg.rollout.sample)
+        self.pool = self._start_pool()
+        with ThreadPoolExecutor(1) as ex:
+            service = ex.submit(start_service, cfg.rewards, cfg.logging.verbose)
+            try:
+                self.tokenizer = load_text_tokenizer(Path(cfg.policy_path) / "text_tokenizer")  # no model weights
+                self.items = load_prompts(cfg.prompts)
+                self.learner.ready()
+            finally:
+                futures_wait([service])  # shut down only once the service call has returned
+            self.rewards = RewardClient(service.result(), cfg.rewards)
         if isinstance(ckpt, str):  # on storage: every rank downloads the files it needs
             self.learner.load_from(self.store.uri, ckpt)
         elif ckpt is not None:
             self.learner.load(ckpt / "learner")  # checked in _prepare_run_dir
-        self.tokenizer = load_text_tokenizer(Path(cfg.policy_path) / "text_tokenizer")  # no model weights here
-        self.items = load_prompts(cfg.prompts)
         r = cfg.rollout
-        lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
-        factory = lambda: RolloutWorker.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(  # noqa: E731
-            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision,
-            cfg.loss.score)
-        self.pool = RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
-                                desired=lambda: ray.get(self.control.rollout_workers.remote()))
         self.sync = WeightSync(self.learner, self.pool, r.weight_sync, r.sync_timeout_s,
                                sync_backend(cfg.learner.use_gpu, r.gpus_per_worker),
                                lazy=cfg.loop.off_policy_steps == 0)  # the learner steps during rollouts otherwise
@@ -197,6 +203,15 @@ class Driver:
             self.tracker = Tracker(self.run_dir, cfg.name, cfg.logging.project, cfg.logging.wandb, state.run_id,
                                    cfg.model_dump(mode="json"), resume_step=state.step)
         state.run_id = self.tracker.run_id
+
+    def _start_pool(self) -> RolloutPool:
+        cfg, r = self.cfg, self.cfg.rollout
+        lora = cfg.learner.lora.model_dump() if cfg.learner.lora else None
+        factory = lambda: RolloutWorker.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(  # noqa: E731
+            cfg.policy_path, r.sample.model_dump(), cfg.m, lora, r.threads_per_worker, cfg.vmr.k, r.precision,
+            cfg.loss.score)
+        return RolloutPool(factory, r.workers, r.min_workers, r.max_workers,
+                           desired=lambda: ray.get(self.control.rollout_workers.remote()))
 
     # ------------------------------------------------------------------ one step
     def _timed(self, name: str, fn, *args):

@@ -91,13 +91,14 @@ class LearnerActor:
         """CPU seconds used so far by this actor's process (all its threads): steady timing on a shared machine."""
         return time.process_time()
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
+    def setup(self, master: tuple[str, int]) -> dict:
+        """Join the process group at rank 0's (address, port) and build the engine."""
         import deepspeed
 
         from policy.io import Policy
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
-                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+                          MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         if not self.cfg.use_gpu:  # every DeepSpeed op unavailable: no JIT build of the shm-comm op; gloo it is
             deepspeed.ops.__compatible_ops__ = {}
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.use_gpu else "gloo", auto_mpi_discovery=False,
@@ -291,10 +292,12 @@ class LearnerGroup:
 
     def __init__(self, policy_dir: str | Path, m: int, alpha: float, loss: GRPOLossConfig, cfg: LearnerConfig,
                  seed: int | None = None, batch_size: int | None = None, env_vars: dict | None = None,
-                 sample: SampleConfig | None = None):
+                 sample: SampleConfig | None = None, wait: bool = True):
         """`seed` / `batch_size`, when given, replace cfg.seed / cfg.batch_size (the run's seed, prompts x G);
         `env_vars` go to the ranks' processes (the storage credentials of the driver's environment); `sample`: the
-        rollouts' settings (needed by loss.score: guided)."""
+        rollouts' settings (needed by loss.score: guided). The placement group is reserved here; with
+        wait=False the ranks start in the background and `ready()` waits for them (the driver starts the rollout
+        workers and the reward service meanwhile)."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -316,12 +319,21 @@ class LearnerGroup:
             ).remote(r, cfg.num_ranks, str(Path(policy_dir).resolve()), m, alpha, loss, cfg, sample)
             for r in range(cfg.num_ranks)
         ]
-        try:
-            addr, port = ray.get(self.actors[0].address.remote())
-            self.info = ray.get([a.setup.remote(addr, port) for a in self.actors])[0]
-        except BaseException:
-            self.shutdown()
-            raise
+        master = self.actors[0].address.remote()  # resolved by Ray before any rank's setup runs
+        self._setup = [a.setup.remote(master) for a in self.actors]
+        if wait:
+            self.ready()
+
+    def ready(self) -> "LearnerGroup":
+        """Wait until every rank has joined the process group and built its engine."""
+        if self._setup is not None:
+            try:
+                self.info = ray.get(self._setup)[0]
+            except BaseException:
+                self.shutdown()
+                raise
+            self._setup = None
+        return self
 
     def _all(self, method: str, *args) -> list:
         return gather([getattr(a, method).remote(*args) for a in self.actors], method)
