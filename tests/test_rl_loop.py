@@ -32,7 +32,7 @@ def test_one_step_layout_and_first_pass_ratio(reference_run):
     assert rows[0]["learner/ratio_first_pass_max_abs_dev"] <= 1e-4
     assert all(np.isfinite(r["learner/loss"]) for r in rows)
     table = pq.read_table(reference_run / "rollouts")
-    assert table.num_rows == 3 * 3 * 4 and {"reward/verifier", "reward/clip_score", "advantage", "image_png"} <= set(
+    assert table.num_rows == 3 * 3 * 4 and {"reward/verifier", "reward/colour_fraction", "advantage", "image_png"} <= set(
         table.column_names)
     assert sorted(set(table["version"].to_pylist())) == [0, 1, 2]
     assert (reference_run / "reward_curve.png").exists() and (reference_run / "samples" / "step_000002.png").exists()
