@@ -41,7 +41,7 @@ def loop_rows(gpu: bool) -> tuple[list, dict]:
 
     from rl.config import RunConfig
     from rl.driver import Driver
-    from rl.learner import free_port
+    from core.collective import free_port
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)  # joins RAY_ADDRESS if set, else starts a local Ray

@@ -9,12 +9,20 @@ on beforehand, so what arrives is bit for bit what was sent.
 """
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype name) in send order
+
+
+def free_port() -> int:
+    """A TCP port free on this node right now: the rendezvous of a process group whose rank 0 runs here."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def state_layout(state: dict[str, torch.Tensor]) -> Layout:

@@ -30,7 +30,6 @@ import copy
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ import numpy as np
 import ray
 import torch
 
-from core.collective import open_group, send_state, state_layout
+from core.collective import free_port, open_group, send_state, state_layout
 from core.settings import SampleConfig
 from policy.scales import prefix_tokens
 from policy.scoring import PrefixScores
@@ -61,12 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -295,9 +288,8 @@ class LearnerGroup:
                  sample: SampleConfig | None = None, wait: bool = True):
         """`seed` / `batch_size`, when given, replace cfg.seed / cfg.batch_size (the run's seed, prompts x G);
         `env_vars` go to the ranks' processes (the storage credentials of the driver's environment); `sample`: the
-        rollouts' settings (needed by loss.score: guided). The placement group is reserved here; with
-        wait=False the ranks start in the background and `ready()` waits for them (the driver starts the rollout
-        workers and the reward service meanwhile)."""
+        rollouts' settings (needed by loss.score: guided). wait=False: the placement group is reserved, the ranks
+        start in the background, `ready()` waits for them (the driver starts its other processes meanwhile)."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -326,13 +318,12 @@ class LearnerGroup:
 
     def ready(self) -> "LearnerGroup":
         """Wait until every rank has joined the process group and built its engine."""
-        if self._setup is not None:
-            try:
-                self.info = ray.get(self._setup)[0]
-            except BaseException:
-                self.shutdown()
-                raise
-            self._setup = None
+        try:
+            self.info = ray.get(self._setup)[0] if self._setup is not None else self.info
+        except BaseException:
+            self.shutdown()
+            raise
+        self._setup = None
         return self
 
     def _all(self, method: str, *args) -> list:
@@ -388,16 +379,14 @@ class LearnerGroup:
         self._all("save", str(path), {"version": self.version})
 
     def load(self, path: str | Path) -> None:
-        states = self._all("load", str(path))
-        self.version = int(states[0].get("version", 0))
+        self.version = int(self._all("load", str(path))[0].get("version", 0))
 
     def save_to(self, uri: str, rel: str) -> list[tuple[str, int]]:
         """A checkpoint on storage `uri` under `rel`: every rank uploads its own files; (path, size) of all."""
         return [f for files in self._all("save_to", uri, rel, {"version": self.version}) for f in files]
 
     def load_from(self, uri: str, ckpt: str, sub: str = "learner") -> None:
-        states = self._all("load_from", uri, ckpt, sub)
-        self.version = int(states[0].get("version", 0))
+        self.version = int(self._all("load_from", uri, ckpt, sub)[0].get("version", 0))
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

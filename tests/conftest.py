@@ -50,14 +50,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray for one test module (logical CPUs above the 2 cores: actors here are small)."""
+@pytest.fixture(scope="session")
+def _session_ray():
+    """One local Ray for the whole session, started by the first module that needs it (a start costs ~8 s here)
+    (logical CPUs above the 2 cores: actors here are small)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, namespace="nextscale", logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(_session_ray):
+    """The session's Ray for one test module. Serve (its applications and its HTTP proxy) is shut down after the
+    module, so the next one starts with no application and picks its own port; a run's other actors end with it."""
+    yield
+    from ray import serve
+
+    serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import ray
-from ray import serve
 
 from rewards.base import RewardError
 from rewards.builtin import VerifierReward
@@ -105,13 +103,8 @@ def cfg(plugin_site) -> RewardsConfig:
 
 
 @pytest.fixture(scope="module")
-def client(cfg):
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        yield RewardClient(start_service(cfg), cfg)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def client(local_ray, cfg):
+    return RewardClient(start_service(cfg), cfg)  # local_ray shuts Serve down after the module
 
 
 def url(cfg) -> str:

@@ -32,10 +32,7 @@ LIMIT = 200_000
 
 
 @pytest.fixture(scope="module")
-def service():
-    import ray
-    from ray import serve
-
+def service(local_ray):
     from rewards.service import start_service
 
     cfg = RewardsConfig.model_validate({
@@ -43,13 +40,8 @@ def service():
         "service": {"num_cpus": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 64,
                     "port": free_port(), "max_request_bytes": LIMIT, "body_timeout_s": BODY_TIMEOUT_S},
     })
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        start_service(cfg)
-        yield cfg
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    start_service(cfg)
+    return cfg  # local_ray shuts Serve down after the module
 
 
 GOOD = json.dumps(batch_to_json(make_batch(1))).encode()  # one 64x64 image: the smallest valid batch
