@@ -44,31 +44,28 @@ def tiny_vq(seed: int = 0, **kw) -> MultiScaleVQ:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, from 20000-32767: outside Ray's worker ports (10002-19999) and the
+    kernel's ephemeral range (32768-60999 here), so no outgoing connection of a busy cluster takes it before the
+    test's server binds it (a port from bind(0) can be, and a Serve proxy then fails to bind)."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
-@pytest.fixture(scope="session")
-def _session_ray():
-    """One local Ray for the whole session, started by the first module that needs it (a start costs ~8 s here)
-    (logical CPUs above the 2 cores: actors here are small)."""
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module (logical CPUs above the 2 cores: actors here are small)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, namespace="nextscale", logging_level="WARNING")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def local_ray(_session_ray):
-    """The session's Ray for one test module. Serve (its applications and its HTTP proxy) is shut down after the
-    module, so the next one starts with no application and picks its own port; a run's other actors end with it."""
-    yield
-    from ray import serve
-
-    serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import ray
+from ray import serve
 
 from rewards.base import RewardError
 from rewards.builtin import VerifierReward
@@ -103,8 +105,13 @@ def cfg(plugin_site) -> RewardsConfig:
 
 
 @pytest.fixture(scope="module")
-def client(local_ray, cfg):
-    return RewardClient(start_service(cfg), cfg)  # local_ray shuts Serve down after the module
+def client(cfg):
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield RewardClient(start_service(cfg), cfg)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def url(cfg) -> str:

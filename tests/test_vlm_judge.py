@@ -134,14 +134,21 @@ def judge_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def judge(local_ray, judge_dir):
-    """ONE judge for the module: a Serve application whose replica runs vllm.LLM on the judge venv's Python
-    (local_ray shuts Serve down after the module)."""
+def judge(judge_dir):
+    """ONE judge for the module: a Serve application whose replica runs vllm.LLM on the judge venv's Python."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     t0 = time.perf_counter()
-    j = VlmJudge(model=str(judge_dir), app_name=APP, num_cpus=1, max_batch_size=8, batch_wait_timeout_s=0.2,
-                 timeout_s=300)
-    print(f"\njudge start (Serve app + vLLM engine in the replica): {time.perf_counter() - t0:.1f} s")
-    return j
+    try:
+        j = VlmJudge(model=str(judge_dir), app_name=APP, num_cpus=1, max_batch_size=8, batch_wait_timeout_s=0.2,
+                     timeout_s=300)
+        print(f"\njudge start (Serve app + vLLM engine in the replica): {time.perf_counter() - t0:.1f} s")
+        yield j
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def shapes_batch(n: int, seed: int = 0):

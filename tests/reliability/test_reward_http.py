@@ -32,7 +32,10 @@ LIMIT = 200_000
 
 
 @pytest.fixture(scope="module")
-def service(local_ray):
+def service():
+    import ray
+    from ray import serve
+
     from rewards.service import start_service
 
     cfg = RewardsConfig.model_validate({
@@ -40,8 +43,13 @@ def service(local_ray):
         "service": {"num_cpus": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 64,
                     "port": free_port(), "max_request_bytes": LIMIT, "body_timeout_s": BODY_TIMEOUT_S},
     })
-    start_service(cfg)
-    return cfg  # local_ray shuts Serve down after the module
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        start_service(cfg)
+        yield cfg
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 GOOD = json.dumps(batch_to_json(make_batch(1))).encode()  # one 64x64 image: the smallest valid batch
