@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -37,7 +36,6 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
@@ -49,17 +47,12 @@ from policy.weights import apply_lora, trainable_state
 from rl.config import GRPOLossConfig
 from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale, recomputes_old_logprobs
 from rl.update import (
-    PrefixScorer, TrainBatch, base_model, learner_old_logprobs, learner_optimizer, loss_guidance, micro_batches,
-    micro_step, prefix_of, reduce_metrics, ref_logprobs, register_direct_params, split_rows,
+    PrefixScorer, TrainBatch, base_model, ema_update, learner_old_logprobs, learner_optimizer, loss_guidance,
+    micro_batches, micro_step, prefix_of, reduce_metrics, ref_logprobs, register_direct_params, seed_everything,
+    split_rows,
 )
 
 CHECKPOINT_TAG = "learner"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -121,6 +114,7 @@ class LearnerActor:
         sched = base_model(model).schedule[: self.m]
         self.prefix = prefix_of(sched, self.m, self.alpha, self.engine.device)  # k_s and scale of each token
         self._last_grad_norm = 0.0
+        self.average = self.trainable_state() if self.cfg.ema else None   # learner.ema: from the initial weights
         return {"schedule": sched, "tokens": prefix_tokens(sched, self.m), "zero_stage": self.zero_stage,
                 "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
 
@@ -170,6 +164,8 @@ class LearnerActor:
         if boundary:
             norm = self.engine.get_global_grad_norm()
             self._last_grad_norm = float(norm if norm is not None else manual_norm)
+            if self.average is not None:
+                ema_update(self.average, self.trainable_state(), self.cfg.ema)
         return metrics
 
     def _grad_norm(self) -> float:
@@ -212,11 +208,11 @@ class LearnerActor:
         return PrefixScores(lp.float().cpu(), ent.float().cpu())
 
     def export(self, out_dir: str, uri: str | None = None, rel: str = "") -> str | None:
-        """Rank 0 writes the current policy as a plain policy directory (LoRA merged); ZeRO-3: every rank gathers."""
+        """Rank 0 writes the policy (learner.ema: the running average) as a policy directory; ZeRO-3: all gather."""
         from policy.io import Policy
         from policy.weights import export_policy
 
-        state = self.trainable_state()
+        state = self.average if self.average is not None else self.trainable_state()
         if self.rank != 0:
             return None
         out = export_policy(Policy.load(self.policy_dir), state, self.cfg.lora, out_dir)
@@ -227,7 +223,8 @@ class LearnerActor:
         return str(out)
 
     def save(self, path: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client_state,
+        extra = {"ema": self.average} if self.average is not None else {}
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state=client_state | extra,
                                     exclude_frozen_parameters=self.cfg.lora is not None)
 
     def load(self, path: str) -> dict:
@@ -235,7 +232,11 @@ class LearnerActor:
                                                            load_module_strict=self.cfg.lora is None)
         if loaded is None:
             raise FileNotFoundError(f"learner checkpoint: nothing to load in {path}")
-        return client_state or {}
+        state = dict(client_state or {})
+        average = state.pop("ema", None)
+        if self.average is not None:  # a checkpoint of a run without learner.ema: the average starts here
+            self.average = average or self.trainable_state()
+        return state
 
     def save_to(self, uri: str, rel: str, client_state: dict) -> list[tuple[str, int]]:
         """Save into this node's scratch folder, upload the files this rank wrote to storage `rel`, drop the scratch."""

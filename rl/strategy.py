@@ -38,12 +38,17 @@ class LearnerConfig(BaseModel):
     seed: int = Field(0, description="seed of every rank (the run passes its own)")
     deepspeed: dict = Field({}, description="merged over our defaults (deepspeed_config)")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of all weights; null: full")
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of a running average of the trainable weights after each "
+                                                    "optimiser step; the exported policy is the average, the "
+                                                    "rollouts sample the current weights; 0: off")
 
     @model_validator(mode="after")
     def _check(self):
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: must lie in [0, 1), got {self.betas}")
-        deepspeed_config(self, need_batch=False)  # raises on a bad merge (and a bad split once batch_size is known)
+        ds = deepspeed_config(self, need_batch=False)  # raises on a bad merge (and a bad split once batch_size is known)
+        if self.ema and ds["zero_optimization"].get("stage", 0) == 3:
+            raise ValueError("ema: the weights' running average needs whole weights on each rank; use ZeRO stage <= 2")
         return self
 
 

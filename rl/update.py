@@ -8,9 +8,11 @@ metrics; the learner actor (rl/learner.py), the benchmarks and the tests all cal
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -72,6 +74,20 @@ def reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
         vals = [r[k] for r in records if k in r]
         out[k] = max(vals) if k in MAX_KEYS else sum(vals) / len(vals)
     return out
+
+
+@torch.no_grad()
+def ema_update(average: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    """In place, every key: average <- decay * average + (1 - decay) * current (learner.ema: the exported policy
+    is this running average of the weights after each optimiser step; it starts at the initial weights)."""
+    for k, v in current.items():
+        average[k].mul_(decay).add_(v.to(average[k].dtype), alpha=1.0 - decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------ the module

@@ -141,6 +141,8 @@ def test_deepspeed_config_defaults_and_merge():
     (dict(lr=-1.0), "lr"),
     (dict(betas=(0.9, 1.5)), "betas"),
     (dict(lora={"r": 0}), "lora.r"),
+    (dict(ema=1.0), "ema"),
+    (dict(ema=0.9, deepspeed={"zero_optimization": {"stage": 3}}), "ema"),
     (dict(unknown=1), "unknown"),
     (dict(num_ranks=3, batch_size=8), "batch_size"),
     (dict(batch_size=8, deepspeed={"train_batch_size": 16}), "deepspeed.train_batch_size"),
@@ -215,8 +217,13 @@ def test_one_rank_step_and_checkpoint(local_ray, world, full_batch_grad_norm, tm
     # first optimiser step at lr 0): lr x 0 at step 1, x 0.5 at step 2 (the warm-up floor), x 1 at step 3
     sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": 4, "warmup_num_steps": 2,
                                                   "warmup_min_ratio": 0.5, "cos_min_ratio": 0.1}}
-    cfg = LearnerConfig(batch_size=4, micro_batch_size=3, lr=1e-3, deepspeed={"scheduler": sched})
+    cfg = LearnerConfig(batch_size=4, micro_batch_size=3, lr=1e-3, deepspeed={"scheduler": sched}, ema=0.5)
     group = LearnerGroup(path, M, 0.8, GRPOLossConfig(beta=0.01), cfg)
+
+    def exported_is_average_of(a: dict, b: dict) -> bool:  # learner.ema 0.5: the export is 0.5 a + 0.5 b
+        state = Policy.load(group.export(tmp_path / "export")).model.state_dict()
+        return all(torch.allclose(state[k], 0.5 * a[k] + 0.5 * b[k], atol=1e-7) for k in a)
+
     try:
         before = group.trainable_state()
         assert set(before) == set(policy.model.state_dict())
@@ -233,10 +240,12 @@ def test_one_rank_step_and_checkpoint(local_ray, world, full_batch_grad_norm, tm
         assert math.isclose(group.step(batch)["lr"], 5e-4)
         second = group.trainable_state()
         assert group.version == 2 and _changed(after, second)
+        assert exported_is_average_of(after, second)                    # the average starts at the initial weights
         group.load(tmp_path / "ckpt")
         assert group.version == 1 and not _changed(after, group.trainable_state())
         assert math.isclose(group.step(batch)["lr"], 5e-4)              # the scheduler's state is restored too
         assert not _changed(second, group.trainable_state())            # and Adam's moments: the same step 2
+        assert exported_is_average_of(after, second)                    # and the average (from the checkpoint)
         assert math.isclose(group.step(batch)["lr"], 1e-3)
     finally:
         group.shutdown()

@@ -11,8 +11,8 @@ from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
 from rl.config import GRPOLossConfig
 from rl.strategy import LearnerConfig, micro_loss_scale, recomputes_old_logprobs
-from rl.update import (PrefixScorer, TrainBatch, learner_old_logprobs, loss_guidance, micro_batches, micro_step,
-                       prefix_of, ref_logprobs)
+from rl.update import (PrefixScorer, TrainBatch, ema_update, learner_old_logprobs, loss_guidance, micro_batches,
+                       micro_step, prefix_of, ref_logprobs)
 from tests.conftest import PROMPTS, tiny_model, tiny_vq
 
 M, ALPHA = 3, 0.7
@@ -117,6 +117,21 @@ def test_configure_optimizers_is_the_learners_rule():
             loss.backward()
             o.step()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_ema_update_hand_worked_and_closed_form():
+    avg = {"w": torch.tensor([1.0, 2.0])}
+    ema_update(avg, {"w": torch.tensor([3.0, 6.0])}, 0.75)
+    assert torch.equal(avg["w"], torch.tensor([1.5, 3.0]))              # 0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6
+    # after T updates: d^T w0 + sum_t (1 - d) d^(T - t) w_t, written out independently
+    g = torch.Generator().manual_seed(0)
+    ws, d = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(6)], 0.9
+    avg = {"w": ws[0].clone()}
+    for w in ws[1:]:
+        ema_update(avg, {"w": w}, d)
+    T = len(ws) - 1
+    closed = d ** T * ws[0] + sum((1 - d) * d ** (T - t) * ws[t] for t in range(1, T + 1))
+    assert torch.allclose(avg["w"], closed, atol=1e-12)
 
 
 def test_update_imports_no_ray():
