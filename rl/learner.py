@@ -49,7 +49,7 @@ from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale, recom
 from rl.update import (
     PrefixScorer, TrainBatch, base_model, ema_update, learner_old_logprobs, learner_optimizer, loss_guidance,
     micro_batches, micro_step, prefix_of, reduce_metrics, ref_logprobs, register_direct_params, seed_everything,
-    split_rows, torch_threads,
+    split_rows,
 )
 
 CHECKPOINT_TAG = "learner"
@@ -90,7 +90,6 @@ class LearnerActor:
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.use_gpu else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=10))
         seed_everything(self.cfg.seed)
-        threads = torch_threads(self.cfg.threads_per_rank)
         policy = Policy.load(self.policy_dir)
         model = policy.model
         for p in policy.vq.parameters():
@@ -117,7 +116,7 @@ class LearnerActor:
         self._last_grad_norm = 0.0
         self.average = self.trainable_state() if self.cfg.ema else None   # learner.ema: from the initial weights
         return {"schedule": sched, "tokens": prefix_tokens(sched, self.m), "zero_stage": self.zero_stage,
-                "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"], "threads": threads}
+                "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
 
     # -------------------------------------------------------------------------------------------- forward
     def _scores(self, text_ids: list[list[int]], codes: list[torch.Tensor], reference: bool = False):
@@ -233,10 +232,11 @@ class LearnerActor:
                                                            load_module_strict=self.cfg.lora is None)
         if loaded is None:
             raise FileNotFoundError(f"learner checkpoint: nothing to load in {path}")
-        state = client_state or {}
+        state = dict(client_state or {})
+        average = state.pop("ema", None)
         if self.average is not None:  # a checkpoint of a run without learner.ema: the average starts here
-            self.average = state.get("ema") or self.trainable_state()
-        return {k: v for k, v in state.items() if k != "ema"}
+            self.average = average or self.trainable_state()
+        return state
 
     def save_to(self, uri: str, rel: str, client_state: dict) -> list[tuple[str, int]]:
         """Save into this node's scratch folder, upload the files this rank wrote to storage `rel`, drop the scratch."""

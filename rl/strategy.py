@@ -26,8 +26,6 @@ class LearnerConfig(BaseModel):
     recompute_old_logprobs: bool | None = Field(None, description="old log-probs from the learner's own forward "
                                                 "before the update (verl's way), not the rollouts'; null: on in bf16")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs per rank")
-    threads_per_rank: int | None = Field(None, ge=1, description="torch threads inside a rank; null: Ray's "
-                                                                "OMP_NUM_THREADS (cpus_per_rank, at least 1)")
     batch_size: int | None = Field(None, ge=1, description="rows per step over all ranks (prompts x G); null: the "
                                                            "run sets it")
     micro_batch_size: int = Field(8, ge=1, description="rows per forward/backward on one rank (capped at rows per "

@@ -84,13 +84,6 @@ def ema_update(average: dict[str, torch.Tensor], current: dict[str, torch.Tensor
         average[k].mul_(decay).add_(v.to(average[k].dtype), alpha=1.0 - decay)
 
 
-def torch_threads(n: int | None) -> int:
-    """Set this process's torch threads to `n` (None: keep what Ray's OMP_NUM_THREADS gave); the count in use."""
-    if n:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

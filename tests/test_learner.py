@@ -227,7 +227,6 @@ def test_one_rank_step_and_checkpoint(local_ray, world, full_batch_grad_norm, tm
     try:
         before = group.trainable_state()
         assert set(before) == set(policy.model.state_dict())
-        assert group.info["threads"] == 1                                # Ray's OMP_NUM_THREADS for 1 CPU
         metrics = group.step(batch)
         _check_step(metrics)
         assert metrics["kl_ref"] <= 1e-8                             # reference = initial weights = first pass
@@ -255,11 +254,11 @@ def test_one_rank_step_and_checkpoint(local_ray, world, full_batch_grad_norm, tm
 @pytest.mark.slow
 def test_two_rank_zero2_step(local_ray, world, full_batch_grad_norm):
     policy, path, batch = world
-    cfg = LearnerConfig(num_ranks=2, batch_size=4, micro_batch_size=2, lr=1e-3, threads_per_rank=2,
+    cfg = LearnerConfig(num_ranks=2, batch_size=4, micro_batch_size=2, lr=1e-3,
                         deepspeed={"zero_optimization": {"stage": 2}})
     group = LearnerGroup(path, M, 0.8, GRPOLossConfig(beta=0.01), cfg)
     try:
-        assert group.info["zero_stage"] == 2 and group.info["threads"] == 2
+        assert group.info["zero_stage"] == 2
         before = group.trainable_state()
         metrics = group.step(batch)
         _check_step(metrics)
