@@ -9,7 +9,7 @@ intervals; a difference whose intervals overlap is reported as no difference.
     .venv/bin/python benchmarks/rl_efficacy.py long --config configs/shapes-long.yaml --seeds 0
                                                        (its own steps and eval.every; results rl_efficacy_shapes-long*)
     .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 100] [--seed 0]
-    .venv/bin/python benchmarks/rl_efficacy.py ablation --config configs/shapes-tiny.yaml --steps 220 --vmr-m 0
+    .venv/bin/python benchmarks/rl_efficacy.py ablation --config configs/shapes-tiny-m6.yaml --steps 220 --vmr-m 0
                                                        (runs ablation-STEM-mM-seedS, results rl_ablation_STEM*)
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
     .venv/bin/python benchmarks/rl_efficacy.py compare --config configs/shapes-tiny-pods.yaml \\

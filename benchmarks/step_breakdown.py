@@ -1,5 +1,5 @@
-"""End-to-end step: wall-time breakdown of GRPO steps of the demo config (configs/shapes-tiny.yaml: 8 prompts x
-G = 8, 2 rollout workers, Serve reward service, 1-rank DeepSpeed learner) on a local Ray.
+"""End-to-end step: wall-time breakdown of GRPO steps of the demo config (configs/shapes-tiny.yaml: 2 rollout
+workers, Serve reward service, 1-rank DeepSpeed learner; the README's table is of the demo of its day) on a local Ray.
 
 The script drives rl.driver.Driver itself (step, then checkpoint, every step; held-out eval off) and times the
 whole iteration from outside; the parts are the driver's own timers (time/rollout, reward, learner, sync,

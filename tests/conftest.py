@@ -117,7 +117,9 @@ def run_config(assets, tmp_path, name, **over) -> dict:
     cfg = {
         "name": name, "runs_dir": str(tmp_path / "runs"), "seed": 1, "steps": 3,
         "policy_path": str(assets / "policy"), "m": 3, "group_size": 4, "prompts_per_step": 3, "alpha": 0.7,
-        "learner": {"num_ranks": 1, "lr": 3e-3, "micro_batch_size": 6, "cpus_per_rank": 0.5},
+        # ema: the exported policy is the weights' average, so every kill / resume comparison of final weights
+        # also checks that the average survives the checkpoint
+        "learner": {"num_ranks": 1, "lr": 3e-3, "micro_batch_size": 6, "cpus_per_rank": 0.5, "ema": 0.9},
         "rollout": {"workers": 2, "min_workers": 1, "max_workers": 3, "cpus_per_worker": 0.5,
                     "sample": {"cfg_scale": 2.0, "top_k": 8}},
         "rewards": {"rewards": [{"name": "verifier", "weight": 1.0},
