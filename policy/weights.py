@@ -41,7 +41,7 @@ def has_lora(model: nn.Module) -> bool:
     return any(LORA_KEY in name for name, _ in model.named_parameters())
 
 
-def _own_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def own_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's trainable tensors, sharing storage with its parameters (not copies)."""
     state = model.state_dict(keep_vars=False)
     if has_lora(model):
@@ -51,7 +51,7 @@ def _own_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the trainable weights: all of them, or only the LoRA adapters."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _own_state(model).items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in own_state(model).items()}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -60,7 +60,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     Everything is checked before any weight is touched (never a half-loaded model). Values are cast to the
     model's dtype and device.
     """
-    own = _own_state(model)
+    own = own_state(model)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing:

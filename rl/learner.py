@@ -43,11 +43,11 @@ from core.collective import free_port, open_group, send_state, state_layout
 from core.settings import SampleConfig
 from policy.scales import prefix_tokens
 from policy.scoring import PrefixScores
-from policy.weights import apply_lora, trainable_state
+from policy.weights import apply_lora, own_state, trainable_state
 from rl.config import GRPOLossConfig
 from rl.strategy import LearnerConfig, deepspeed_config, micro_loss_scale, recomputes_old_logprobs
 from rl.update import (
-    PrefixScorer, TrainBatch, base_model, ema_update, learner_old_logprobs, learner_optimizer, loss_guidance,
+    PrefixScorer, TrainBatch, base_model, ema_start, ema_update, learner_old_logprobs, learner_optimizer, loss_guidance,
     micro_batches, micro_step, prefix_of, reduce_metrics, ref_logprobs, register_direct_params, seed_everything,
     split_rows,
 )
@@ -114,7 +114,7 @@ class LearnerActor:
         sched = base_model(model).schedule[: self.m]
         self.prefix = prefix_of(sched, self.m, self.alpha, self.engine.device)  # k_s and scale of each token
         self._last_grad_norm = 0.0
-        self.average = self.trainable_state() if self.cfg.ema else None   # learner.ema: from the initial weights
+        self.average = ema_start(self.trainable_state()) if self.cfg.ema else None   # learner.ema: initial weights
         return {"schedule": sched, "tokens": prefix_tokens(sched, self.m), "zero_stage": self.zero_stage,
                 "micro_batch": self.ds_config["train_micro_batch_size_per_gpu"]}
 
@@ -165,7 +165,7 @@ class LearnerActor:
             norm = self.engine.get_global_grad_norm()
             self._last_grad_norm = float(norm if norm is not None else manual_norm)
             if self.average is not None:
-                ema_update(self.average, self.trainable_state(), self.cfg.ema)
+                ema_update(self.average, own_state(self.engine.module.model), self.cfg.ema)
         return metrics
 
     def _grad_norm(self) -> float:
@@ -235,7 +235,7 @@ class LearnerActor:
         state = dict(client_state or {})
         average = state.pop("ema", None)
         if self.average is not None:  # a checkpoint of a run without learner.ema: the average starts here
-            self.average = average or self.trainable_state()
+            self.average = average or ema_start(self.trainable_state())
         return state
 
     def save_to(self, uri: str, rel: str, client_state: dict) -> list[tuple[str, int]]:

@@ -76,12 +76,18 @@ def reduce_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def ema_start(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The running average's first value: fp32 copies (a bf16 average could not take steps of (1 - decay) x w)."""
+    return {k: v.detach().to(torch.float32, copy=True) for k, v in state.items()}
+
+
 @torch.no_grad()
 def ema_update(average: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
     """In place, every key: average <- decay * average + (1 - decay) * current (learner.ema: the exported policy
-    is this running average of the weights after each optimiser step; it starts at the initial weights)."""
+    is this running average of the weights after each optimiser step; it starts at the initial weights). `current`
+    may be the live parameters on any device and dtype; the average keeps its own."""
     for k, v in current.items():
-        average[k].mul_(decay).add_(v.to(average[k].dtype), alpha=1.0 - decay)
+        average[k].mul_(decay).add_(v.to(average[k].device, average[k].dtype), alpha=1.0 - decay)
 
 
 def seed_everything(seed: int) -> None:

@@ -11,8 +11,8 @@ from policy.scales import scale_index_per_token, scale_weights
 from policy.scoring import teacher_forced_logits
 from rl.config import GRPOLossConfig
 from rl.strategy import LearnerConfig, micro_loss_scale, recomputes_old_logprobs
-from rl.update import (PrefixScorer, TrainBatch, ema_update, learner_old_logprobs, loss_guidance, micro_batches,
-                       micro_step, prefix_of, ref_logprobs)
+from rl.update import (PrefixScorer, TrainBatch, ema_start, ema_update, learner_old_logprobs, loss_guidance,
+                       micro_batches, micro_step, prefix_of, ref_logprobs)
 from tests.conftest import PROMPTS, tiny_model, tiny_vq
 
 M, ALPHA = 3, 0.7
@@ -123,6 +123,12 @@ def test_ema_update_hand_worked_and_closed_form():
     avg = {"w": torch.tensor([1.0, 2.0])}
     ema_update(avg, {"w": torch.tensor([3.0, 6.0])}, 0.75)
     assert torch.equal(avg["w"], torch.tensor([1.5, 3.0]))              # 0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6
+    # bf16 weights: the average starts as an fp32 copy and stays fp32, so small steps are not rounded away
+    w = torch.full((3,), 1.0, dtype=torch.bfloat16)
+    avg = ema_start({"w": w})
+    assert avg["w"].dtype == torch.float32 and avg["w"].data_ptr() != w.data_ptr()
+    ema_update(avg, {"w": torch.full((3,), 1.0 + 2 ** -7, dtype=torch.bfloat16)}, 0.99)
+    assert torch.allclose(avg["w"], torch.full((3,), 1.0 + 0.01 * 2 ** -7), atol=1e-9)   # bf16 would stay at 1.0
     # after T updates: d^T w0 + sum_t (1 - d) d^(T - t) w_t, written out independently
     g = torch.Generator().manual_seed(0)
     ws, d = [torch.randn(5, generator=g, dtype=torch.float64) for _ in range(6)], 0.9
