@@ -8,9 +8,9 @@ intervals; a difference whose intervals overlap is reported as no difference.
     .venv/bin/python benchmarks/rl_efficacy.py long     [--seeds 0 1 2] [--steps 150] [--eval-every 25]
     .venv/bin/python benchmarks/rl_efficacy.py long --config configs/shapes-long.yaml --seeds 0
                                                        (its own steps and eval.every; results rl_efficacy_shapes-long*)
-    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 100] [--seed 0]
-    .venv/bin/python benchmarks/rl_efficacy.py ablation --config configs/shapes-tiny-m6.yaml --steps 220 --vmr-m 0
-                                                       (runs ablation-STEM-mM-seedS, results rl_ablation_STEM*)
+    .venv/bin/python benchmarks/rl_efficacy.py ablation [--ms 2 3 4 5 6] [--vmr-m 2] [--steps 100] [--seeds 0]
+    .venv/bin/python benchmarks/rl_efficacy.py ablation --config configs/shapes-tiny-m6.yaml --steps 220 --vmr-m 0 \\
+        --seeds 0 1 2          (runs ablation-STEM-mM-seedS, or the long run at the config's own m; rl_ablation_STEM*)
     .venv/bin/python benchmarks/rl_efficacy.py report   (tables and plots again from the finished runs)
     .venv/bin/python benchmarks/rl_efficacy.py compare --config configs/shapes-tiny-pods.yaml \\
         --against configs/shapes-tiny.yaml --seeds 0 1 2   (finished long runs of two configs, after vs after)
@@ -35,7 +35,6 @@ from shapes.world import CATEGORIES
 CONFIG = ROOT / "configs" / "shapes-efficacy.yaml"
 RUNS = ROOT / "runs" / "efficacy"
 KEYS = ["overall", *CATEGORIES]
-CONFIG_M = 4  # m of configs/shapes-efficacy.yaml
 
 
 def train(name: str, overrides: list[str], config: Path = CONFIG) -> dict:
@@ -106,14 +105,14 @@ def compare(config: Path, against: Path, seeds: list[int]) -> None:
                        "paired": paired}, table)
 
 
+def diff_cell(d: dict) -> str:
+    """A paired_difference result as 'diff [lo, hi]'."""
+    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
 def paired_cell(d: dict) -> str:
     """A paired_difference result as 'diff [lo, hi] (G gained, L lost)'."""
-    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['gained']} gained, {d['lost']} lost)"
-
-
-def verdicts(run: dict, tag: str) -> list[int]:
-    scores = json.loads((RUNS / run["name"] / tag / "scores.json").read_text())
-    return [x["strict"] for x in scores["per_image"]]
+    return f"{diff_cell(d)} ({d['gained']} gained, {d['lost']} lost)"
 
 
 def cell(rate: float, lo: float, hi: float) -> str:
@@ -184,18 +183,23 @@ def plot_long(runs: list[dict], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ m-ablation
 def ablation_run(m: int, steps: int, seed: int, base: list[str], config: Path = CONFIG) -> dict:
-    """The default config's own m at a step the long run evaluated is the long run cut there (the evaluations
+    """The config's own m at a step its long run (same seed) evaluated is that long run cut there (the evaluations
     between steps do not change training: rollout seeds belong to units), so it is not run twice."""
-    long_dir = RUNS / f"long-seed{seed}"
-    if config == CONFIG and m == CONFIG_M and (long_dir / "summary.json").exists():
+    long_dir = RUNS / f"long{stem_of(config)}-seed{seed}"
+    if m == own_m(config) and (long_dir / "summary.json").exists():
         run = load_run(long_dir)
         at = [c for c in run["curve"] if c["step"] == steps]
         if at:
             cpu = [json.loads(x) for x in (long_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
             cpu = [r["learner/cpu_seconds"] for r in cpu if "learner/cpu_seconds" in r and r["step"] <= steps]
-            return run | {"after": at[0], "learner_cpu_s": sum(cpu) / len(cpu), "after_dir": f"eval_step_{steps}",
+            return run | {"after": at[-1], "learner_cpu_s": sum(cpu) / len(cpu), "after_dir": f"eval_{at[-1]['tag']}",
                           "wall_s": run["wall_s"] * steps / len(run["reward"])}
     return train(f"ablation{stem_of(config)}-m{m}-seed{seed}", base + [f"m={m}"], config)
+
+
+def own_m(config: Path) -> int:
+    import yaml
+    return int(yaml.safe_load(config.read_text())["m"])
 
 
 def stem_of(config: Path) -> str:
@@ -208,44 +212,64 @@ def result_name(prefix: str, config: Path) -> str:
     return prefix + stem_of(config).replace("-", "_", 1)
 
 
-def ablation(ms: list[int], vmr_m: int | None, steps: int, seed: int, config: Path = CONFIG) -> None:
-    base, stem = [f"seed={seed}", f"steps={steps}", "eval.every=0"], stem_of(config)
-    runs = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""), ablation_run(m, steps, seed, base, config))
-            for m in ms]
+def scores(run: dict, tag: str) -> Path:
+    """A run's scores.json of evaluation `tag` ('before', or 'after': the arm's final evaluation)."""
+    return RUNS / run["name"] / (run.get("after_dir", "eval_after") if tag == "after" else "eval_before") / "scores.json"
+
+
+def ablation(ms: list[int], vmr_m: int | None, steps: int, seeds: list[int], config: Path = CONFIG) -> None:
+    """Every m (and m = vmr_m with VMR) at the same steps and seeds; per arm the held-out score pooled over the seeds,
+    the paired gain over the shipped policy and against full GRPO (after vs after, the same pairs), learner CPU."""
+    stem, base = stem_of(config), [f"steps={steps}", "eval.every=0"]
+    arms = [(f"m={m}" + (" (full GRPO)" if m == max(ms) else ""),
+             [ablation_run(m, steps, s, base + [f"seed={s}"], config) for s in seeds]) for m in ms]
     if vmr_m:
-        runs.append((f"m={vmr_m} + VMR (K=2, eta=1)", train(f"ablation{stem}-m{vmr_m}-vmr-seed{seed}",
-                                                            base + [f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"], config)))
-    before = pooled([runs[0][1]["before"]], "overall")
-    full_cpu = next(r["learner_cpu_s"] for label, r in runs if label.endswith("(full GRPO)"))
-    base = verdicts(runs[0][1], "eval_before")
-    rows = [["shipped policy", cell(*before), "", "", "", ""]]
-    for label, r in runs:
-        after = pooled([r["after"]], "overall")
-        d = paired_difference(base, verdicts(r, r.get("after_dir", "eval_after")))
-        rows.append([label, cell(*after), f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]",
-                     f"{r['learner_cpu_s']:.2f}", f"{r['learner_cpu_s'] / full_cpu:.2f}", f"{r['wall_s'] / 60:.1f}"])
-    n = runs[0][1]["after"]["num_images"]
-    table = (f"m-ablation{f' ({config.name})' * bool(stem)}: {steps} steps, seed {seed}, the same prompts and seeds "
-             f"for every m; held-out strict overall with 95% Wilson intervals over {n} images.\n\n"
-             + md_table(["run", "held-out strict", "paired gain vs shipped", "learner CPU-s / step", "vs full",
-                         "wall min"], rows))
+        arms.append((f"m={vmr_m} + VMR (K=2, eta=1)",
+                     [train(f"ablation{stem}-m{vmr_m}-vmr-seed{s}",
+                            base + [f"seed={s}", f"m={vmr_m}", "vmr.k=2", "vmr.eta=1.0"], config) for s in seeds]))
+    full = arms[ms.index(max(ms))][1]
+    full_cpu = sum(r["learner_cpu_s"] for r in full) / len(full)
+    rows = [["shipped policy", cell(*pooled([r["before"] for r in full], "overall"))] + [""] * 6]
+    per_seed = []
+    for label, runs in arms:
+        gain = {k: paired_over([(scores(r, "before"), scores(r, "after")) for r in runs], k)
+                for k in ("strict", "template")}
+        vs_full = "" if runs is full else diff_cell(paired_over(
+            [(scores(f, "after"), scores(r, "after")) for f, r in zip(full, runs)], "strict"))
+        cpu = sum(r["learner_cpu_s"] for r in runs) / len(runs)
+        rows.append([label, cell(*pooled([r["after"] for r in runs], "overall")), diff_cell(gain["strict"]),
+                     diff_cell(gain["template"]), vs_full, f"{cpu:.2f}", f"{cpu / full_cpu:.2f}",
+                     f"{sum(r['wall_s'] for r in runs) / len(runs) / 60:.1f}"])
+        per_seed.append([label] + [diff_cell(paired_over([(scores(r, "before"), scores(r, "after"))], "strict"))
+                                   for r in runs])
+    n = sum(r["after"]["num_images"] for r in full)
+    table = (f"m-ablation{f' ({config.name})' * bool(stem)}: {steps} steps, seeds {', '.join(map(str, seeds))}, "
+             f"the same prompts and seeds for every m; held-out strict overall pooled over {n} images (95% Wilson "
+             "intervals); paired changes over the same (prompt, seed) pairs (95% intervals); learner CPU-s and wall "
+             "minutes are means over the seeds.\n\n"
+             + md_table(["run", "held-out strict", "paired gain vs shipped", "template judge gain",
+                         "vs full GRPO (after vs after)", "learner CPU-s / step", "vs full", "wall min"], rows)
+             + "\nPaired strict gain over the shipped policy, seed by seed:\n\n"
+             + md_table(["run", *(f"seed {s}" for s in seeds)], per_seed))
     out = result_name("rl_ablation", config)
-    plot_ablation(runs, OUT / f"{out}.png")
-    write_result(out, {"runs": dict(runs), "before": before}, table)
+    plot_ablation(arms, OUT / f"{out}.png")
+    write_result(out, {"seeds": seeds, "runs": dict(arms)}, table)
 
 
-def plot_ablation(runs: list[tuple[str, dict]], path: Path) -> None:
+def plot_ablation(arms: list[tuple[str, list[dict]]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, r in runs:
-        rate, lo, hi = pooled([r["after"]], "overall")
-        ax.errorbar(r["learner_cpu_s"], rate, yerr=[[rate - lo], [hi - rate]], fmt="o", capsize=3, label=label)
-    rate, lo, hi = pooled([runs[0][1]["before"]], "overall")
+    for label, runs in arms:
+        rate, lo, hi = pooled([r["after"] for r in runs], "overall")
+        cpu = sum(r["learner_cpu_s"] for r in runs) / len(runs)
+        ax.errorbar(cpu, rate, yerr=[[rate - lo], [hi - rate]], fmt="o", capsize=3, label=label)
+    rate, lo, hi = pooled([r["before"] for r in arms[0][1]], "overall")
     ax.axhspan(lo, hi, color="grey", alpha=0.2, label="shipped policy (95% CI)")
-    ax.set(xlabel="learner CPU-seconds per step", ylabel="held-out strict overall", title="prefix length m")
+    ax.set(xlabel="learner CPU-seconds per step", ylabel="held-out strict overall (seeds pooled)",
+           title="prefix length m")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -254,8 +278,7 @@ def plot_ablation(runs: list[tuple[str, dict]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["long", "ablation", "report", "compare"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (long), 0 (ablation)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--config", type=Path, default=CONFIG, help="the runs' config (default: shapes-efficacy)")
@@ -266,14 +289,14 @@ def main() -> None:
     config = args.config.resolve()
     default = config == CONFIG
     if args.mode in ("long", "report"):
-        long_run(args.seeds, args.steps or (150 if default else None), args.eval_every or (25 if default else None),
+        long_run(args.seeds or [0, 1, 2], args.steps or (150 if default else None), args.eval_every or (25 if default else None),
                  config)
     if args.mode == "compare":
         if args.against is None:
             ap.error("compare: --against CONFIG is required (the config whose finished long runs to compare with)")
-        compare(config, args.against.resolve(), args.seeds)
+        compare(config, args.against.resolve(), args.seeds or [0, 1, 2])
     if args.mode in ("ablation", "report"):
-        ablation(args.ms, args.vmr_m, args.steps or 100, args.seed, config)
+        ablation(args.ms, args.vmr_m, args.steps or 100, args.seeds or [0], config)
 
 
 if __name__ == "__main__":

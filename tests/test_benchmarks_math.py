@@ -86,6 +86,17 @@ def test_rl_efficacy_pooling_verdict_and_moving_average():
     assert moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5] and moving_average([5], 10) == [5]
 
 
+def test_rl_efficacy_names_and_cells():
+    from rl_efficacy import CONFIG, diff_cell, own_m, paired_cell, result_name
+
+    other = CONFIG.parent / "shapes-tiny-m6.yaml"
+    assert own_m(CONFIG) == 4 and own_m(other) == 6
+    assert result_name("rl_ablation", CONFIG) == "rl_ablation"
+    assert result_name("rl_ablation", other) == "rl_ablation_shapes-tiny-m6"
+    d = {"diff": 0.0432, "ci": (0.0171, -0.0001), "gained": 3, "lost": 1}
+    assert diff_cell(d) == "+0.043 [+0.017, -0.000]" and paired_cell(d).endswith("(3 gained, 1 lost)")
+
+
 def test_learner_memory_estimate_by_hand_and_against_the_tensors():
     """3 rows of 5 text tokens, m = 3 (1 + 4 + 9 = 14 image tokens, so L = 19) on the tiny model (D 64, MLP 128,
     2 layers, 4 heads / 2 KV heads: kv width 32, 64 codes)."""
