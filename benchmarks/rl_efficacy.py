@@ -251,6 +251,10 @@ def ablation(ms: list[int], vmr_m: int | None, steps: int, seeds: list[int], con
                          "vs full GRPO (after vs after)", "learner CPU-s / step", "vs full", "wall min"], rows)
              + "\nPaired strict gain over the shipped policy, seed by seed:\n\n"
              + md_table(["run", *(f"seed {s}" for s in seeds)], per_seed))
+    if vmr_m in ms:
+        plain, vmr = arms[ms.index(vmr_m)][1], arms[-1][1]
+        d = paired_over([(scores(a, "after"), scores(b, "after")) for a, b in zip(plain, vmr)], "strict")
+        table += f"\nm={vmr_m} + VMR after vs m={vmr_m} after, the same pairs: {paired_cell(d)}.\n"
     out = result_name("rl_ablation", config)
     plot_ablation(arms, OUT / f"{out}.png")
     write_result(out, {"seeds": seeds, "runs": dict(arms)}, table)
