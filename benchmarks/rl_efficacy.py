@@ -214,7 +214,8 @@ def result_name(prefix: str, config: Path) -> str:
 
 def scores(run: dict, tag: str) -> Path:
     """A run's scores.json of evaluation `tag` ('before', or 'after': the arm's final evaluation)."""
-    return RUNS / run["name"] / (run.get("after_dir", "eval_after") if tag == "after" else "eval_before") / "scores.json"
+    part = run.get("after_dir", "eval_after") if tag == "after" else "eval_before"
+    return RUNS / run["name"] / part / "scores.json"
 
 
 def ablation(ms: list[int], vmr_m: int | None, steps: int, seeds: list[int], config: Path = CONFIG) -> None:
@@ -293,8 +294,8 @@ def main() -> None:
     config = args.config.resolve()
     default = config == CONFIG
     if args.mode in ("long", "report"):
-        long_run(args.seeds or [0, 1, 2], args.steps or (150 if default else None), args.eval_every or (25 if default else None),
-                 config)
+        long_run(args.seeds or [0, 1, 2], args.steps or (150 if default else None),
+                 args.eval_every or (25 if default else None), config)
     if args.mode == "compare":
         if args.against is None:
             ap.error("compare: --against CONFIG is required (the config whose finished long runs to compare with)")
