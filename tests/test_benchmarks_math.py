@@ -224,3 +224,18 @@ def test_rl_noise_objects_reward_adds_half_the_object_credit():
     stray[shape_mask("square", 48, 48, 16)] = (40, 40, 220)
     got = reward_fn("objects")(np.stack([alone, stray]), [spec, spec]).tolist()
     assert got == pytest.approx([1.75, 0.25 * 2 / 3 + 0.25])
+
+
+def test_rl_categories_windows_by_hand():
+    """Two windows of 2 steps; a group is one (step, uid): hits count strict > 0, a group is hit if any sample is."""
+    import rl_categories
+
+    rows = [(1, "a", "object", 1.0), (1, "a", "object", 0.0), (1, "b", "count", 0.0), (1, "b", "count", 0.0),
+            (2, "a", "object", 0.0), (2, "a", "object", 0.0), (3, "a", "count", 1.0), (3, "a", "count", 1.0)]
+    wins = rl_categories.category_windows(rows, window=2)
+    assert wins[0]["object"] == {"n": 4, "hits": 1, "groups": 2, "groups_hit": 1}   # steps 1 and 2: uid a twice
+    assert wins[0]["count"] == {"n": 2, "hits": 0, "groups": 1, "groups_hit": 0}
+    assert wins[1] == {"count": {"n": 2, "hits": 2, "groups": 1, "groups_hit": 1}}
+    assert rl_categories.rate_cell(wins[1]["count"]).startswith("1.000 [0.342, 1.000]")
+    first, last = rl_categories.first_and_last(rows, window=2)      # the last 2 steps are 2 and 3
+    assert first == wins[0] and last["object"]["n"] == 2 and last["count"]["hits"] == 2

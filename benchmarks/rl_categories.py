@@ -1,0 +1,103 @@
+"""Which prompt categories does the training stream learn? Per category of the training prompts, from a finished
+run's logged rollouts (runs/efficacy/NAME/rollouts/step_*.parquet): the strict reward of the first and the last
+window of steps (95% Wilson), and the share of groups (one prompt's G samples) with at least one strict success:
+a group without one gives the strict term no gradient (its advantages come from the partial credit alone).
+
+    .venv/bin/python benchmarks/rl_categories.py --runs long-shapes-long-ema-seed0 long-shapes-tiny-seed0 [--window 50]
+
+Writes benchmarks/results/rl_categories.{md,json,png}. Reads only the runs' files (seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from common import OUT, ROOT, md_table, write_result
+
+from policy.evaluate import wilson_interval
+from shapes.world import CATEGORIES
+
+RUNS = ROOT / "runs" / "efficacy"
+
+
+def category_windows(rows: list[tuple[int, str, str, float]], window: int) -> dict[int, dict[str, dict]]:
+    """rows: (step, group uid, category, strict reward). Per window of `window` steps (step 1.. -> window 0..) and
+    category: samples, successes (strict > 0), groups and groups with any success."""
+    out: dict[int, dict[str, dict]] = defaultdict(lambda: defaultdict(lambda: {"n": 0, "hits": 0, "groups": 0,
+                                                                              "groups_hit": 0}))
+    groups: dict[tuple[int, str, str], bool] = {}
+    for step, uid, category, strict in rows:
+        cell = out[(step - 1) // window][category]
+        cell["n"] += 1
+        cell["hits"] += int(strict > 0)
+        key = ((step - 1) // window, category, f"{step}/{uid}")
+        groups[key] = groups.get(key, False) or strict > 0
+    for (w, category, _), hit in groups.items():
+        out[w][category]["groups"] += 1
+        out[w][category]["groups_hit"] += int(hit)
+    return {w: dict(cats) for w, cats in out.items()}
+
+
+def first_and_last(rows: list[tuple[int, str, str, float]], window: int) -> tuple[dict, dict]:
+    """The categories of the first `window` steps and of the last `window` steps (the last step's, backwards)."""
+    last = max(r[0] for r in rows)
+    tail = [(step - (last - window), *rest) for step, *rest in rows if step > last - window]
+    return category_windows([r for r in rows if r[0] <= window], window)[0], category_windows(tail, window)[0]
+
+
+def read_rows(run_dir: Path) -> list[tuple[int, str, str, float]]:
+    rows = []
+    for f in sorted((run_dir / "rollouts").glob("step_*.parquet")):
+        t = pq.read_table(f, columns=["step", "uid", "metadata", "reward/strict"]).to_pylist()
+        rows += [(r["step"], r["uid"], json.loads(r["metadata"]).get("category", "?"), r["reward/strict"]) for r in t]
+    return rows
+
+
+def rate_cell(c: dict) -> str:
+    lo, hi = wilson_interval(c["hits"], c["n"])
+    return f"{c['hits'] / c['n']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def plot(curves: dict[str, dict[int, dict]], window: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (name, wins) in zip(axes[0], curves.items()):
+        ws = sorted(wins)
+        for category in CATEGORIES:
+            ax.plot([(w + 1) * window for w in ws], [wins[w][category]["hits"] / wins[w][category]["n"] for w in ws],
+                    marker="o", ms=3, label=category)
+        ax.set(title=name, xlabel="step", ylabel="training strict reward", ylim=(0, 1))
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True, help="run names under runs/efficacy")
+    ap.add_argument("--window", type=int, default=50, help="steps per window")
+    args = ap.parse_args()
+    streams = {name: read_rows(RUNS / name) for name in args.runs}
+    curves = {name: category_windows(rows, args.window) for name, rows in streams.items()}
+    rows = []
+    for name, stream in streams.items():
+        first, last = first_and_last(stream, args.window)
+        for category in CATEGORIES:
+            a, b = first[category], last[category]
+            rows.append([name, category, rate_cell(a), rate_cell(b),
+                         f"{a['groups_hit'] / a['groups']:.2f} -> {b['groups_hit'] / b['groups']:.2f}"])
+    table = (f"Training strict reward by prompt category, first and last {args.window} steps of each run (95% "
+             "Wilson), and the share of groups with at least one strict success.\n\n"
+             + md_table(["run", "category", "first window", "last window", "groups with a success"], rows))
+    write_result("rl_categories", {"window": args.window, "runs": {n: {str(w): c for w, c in wins.items()}
+                                                                    for n, wins in curves.items()}}, table)
+    plot(curves, args.window, OUT / "rl_categories.png")
+
+
+if __name__ == "__main__":
+    main()
