@@ -55,34 +55,27 @@ class Guidance:
     """Per token of scales 1..m: the guidance weight w_s and temperature T_s of its scale (the rollouts' settings)."""
     weight: torch.Tensor       # (N_m,)
     temperature: torch.Tensor  # (N_m,)
-    null_grad: bool = True     # False: the null prompt's logits are scored without a graph (no gradient through u)
 
     def to(self, device) -> "Guidance":
-        return Guidance(self.weight.to(device), self.temperature.to(device), self.null_grad)
+        return Guidance(self.weight.to(device), self.temperature.to(device))
 
 
-def guidance_of(cfg: SampleConfig, schedule: list, m: int, null_grad: bool = True) -> Guidance:
+def guidance_of(cfg: SampleConfig, schedule: list, m: int) -> Guidance:
     """The sampler's per-scale w_s (guidance_weights) and temperature, spread over the tokens of scales 1..m."""
     temps = per_scale(cfg.temperature, len(schedule), "temperature")
     if cfg.greedy_within(m):
         raise ValueError("loss.score: guided scoring needs a temperature > 0 at scales 1..m (greedy has no log-prob)")
     scale = scale_index_per_token(schedule[:m])
     w = torch.tensor(guidance_weights(cfg.cfg_scale, cfg.guidance_schedule, len(schedule)))
-    return Guidance(w[scale], torch.tensor(temps, dtype=torch.float32)[scale], null_grad)
+    return Guidance(w[scale], torch.tensor(temps, dtype=torch.float32)[scale])
 
 
 def guided_prefix_logits(model: NextScaleLM, vq: MultiScaleVQ, text_ids: list[list[int]],
                          codes: list[torch.Tensor], m: int, g: Guidance) -> torch.Tensor:
-    """(B, N_m, V) (u + w (c - u)) / T: the conditional rows and the null prompt's (empty text) in one batch, or
-    (g.null_grad False) the null prompt's in a second forward without a graph."""
+    """(B, N_m, V) (u + w (c - u)) / T: the conditional rows and the null prompt's (empty text) in one batch."""
     b = len(text_ids)
-    if g.null_grad:
-        both = teacher_forced_logits(model, vq, list(text_ids) + [[]] * b, [torch.cat([c, c]) for c in codes], m)
-        cond, uncond = both.float()[:b], both.float()[b:]
-    else:
-        cond = teacher_forced_logits(model, vq, text_ids, codes, m).float()
-        with torch.no_grad():
-            uncond = teacher_forced_logits(model, vq, [[]] * b, codes, m).float()
+    both = teacher_forced_logits(model, vq, list(text_ids) + [[]] * b, [torch.cat([c, c]) for c in codes], m).float()
+    cond, uncond = both[:b], both[b:]
     g = g.to(cond.device)
     return guided_logits(cond, uncond, g.weight[:, None]) / g.temperature[:, None]
 

@@ -48,9 +48,6 @@ class GRPOLossConfig(_Strict):
         "conditional", "the policy the loss scores: the unguided conditional one, or the CFG-guided distribution "
         "the rollouts sample (rollout.sample's cfg_scale, guidance_schedule, temperature; the rollouts log old "
         "log-probs of the same)")
-    null_grad: bool = describe(
-        True, "loss.score: guided: the gradient also flows through the null prompt's logits u of u + w (c - u); "
-              "false holds u fixed (scored without a graph), so the update moves the conditional policy only")
 
 
 class VMRConfig(_Strict):

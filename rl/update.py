@@ -122,7 +122,7 @@ def loss_guidance(cfg: GRPOLossConfig, sample: SampleConfig | None, schedule: li
         return None
     if sample is None:
         raise ValueError("loss.score: guided scoring needs the rollouts' sampling settings (rollout.sample)")
-    return guidance_of(sample, schedule, m, null_grad=cfg.null_grad)
+    return guidance_of(sample, schedule, m)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -101,6 +101,3 @@ def test_guided_scoring_config_is_checked():
     assert cfg.m == 4
     with pytest.raises(ConfigError, match=r"^loss.score: "):
         load_config(RunConfig, demo, ["loss.score=blend"])
-    assert not load_config(RunConfig, demo, ["loss.null_grad=false"]).loss.null_grad
-    with pytest.raises(ConfigError, match=r"^loss.null_grad: "):
-        load_config(RunConfig, demo, ["loss.null_grad=sometimes"])

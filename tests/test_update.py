@@ -170,8 +170,7 @@ def test_loss_guidance_and_a_guided_first_pass():
     sample_cfg = SampleConfig(cfg_scale=3.0, guidance_schedule="linear")
     assert loss_guidance(GRPOLossConfig(), sample_cfg, model.schedule, M) is None
     g = loss_guidance(GRPOLossConfig(score="guided"), sample_cfg, model.schedule, M)
-    assert torch.equal(g.weight, guidance_of(sample_cfg, model.schedule, M).weight) and g.null_grad
-    assert not loss_guidance(GRPOLossConfig(score="guided", null_grad=False), sample_cfg, model.schedule, M).null_grad
+    assert torch.equal(g.weight, guidance_of(sample_cfg, model.schedule, M).weight)
     with pytest.raises(ValueError, match="^loss.score: "):
         loss_guidance(GRPOLossConfig(score="guided"), None, model.schedule, M)
     scorer, batch = PrefixScorer(model, vq, M, g), _batch(vq)
