@@ -84,16 +84,16 @@ def main() -> None:
     args = ap.parse_args()
     streams = {name: read_rows(RUNS / name) for name in args.runs}
     curves = {name: category_windows(rows, args.window) for name, rows in streams.items()}
-    rows = []
+    table_rows = []
     for name, stream in streams.items():
         first, last = first_and_last(stream, args.window)
         for category in CATEGORIES:
             a, b = first[category], last[category]
-            rows.append([name, category, rate_cell(a), rate_cell(b),
+            table_rows.append([name, category, rate_cell(a), rate_cell(b),
                          f"{a['groups_hit'] / a['groups']:.2f} -> {b['groups_hit'] / b['groups']:.2f}"])
     table = (f"Training strict reward by prompt category, first and last {args.window} steps of each run (95% "
              "Wilson), and the share of groups with at least one strict success.\n\n"
-             + md_table(["run", "category", "first window", "last window", "groups with a success"], rows))
+             + md_table(["run", "category", "first window", "last window", "groups with a success"], table_rows))
     write_result("rl_categories", {"window": args.window, "runs": {n: {str(w): c for w, c in wins.items()}
                                                                     for n, wins in curves.items()}}, table)
     plot(curves, args.window, OUT / "rl_categories.png")
