@@ -79,10 +79,10 @@ def plot(curves: dict[str, dict[int, dict]], window: int, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", required=True, help="run names under runs/efficacy")
+    ap.add_argument("--runs", nargs="+", required=True, help="run names under runs/efficacy, or run folders")
     ap.add_argument("--window", type=int, default=50, help="steps per window")
     args = ap.parse_args()
-    streams = {name: read_rows(RUNS / name) for name in args.runs}
+    streams = {Path(name).name: read_rows(Path(name) if Path(name).is_dir() else RUNS / name) for name in args.runs}
     curves = {name: category_windows(rows, args.window) for name, rows in streams.items()}
     table_rows = []
     for name, stream in streams.items():
