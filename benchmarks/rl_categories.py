@@ -56,6 +56,30 @@ def read_rows(run_dir: Path) -> list[tuple[int, str, str, float]]:
     return rows
 
 
+CHECKS = ("object", "colour", "count", "two-object", "position", "only")
+
+
+def check_rates(rows: list[tuple[str, dict[str, float | None]]]) -> dict[str, dict[str, float]]:
+    """rows: (category, {check: 1.0 / 0.0, or None where the check does not apply}). Per category, the share of
+    samples passing each check that applies to it: which part of a strict success is missing."""
+    passed: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for category, checks in rows:
+        for name, value in checks.items():
+            if value is not None:
+                passed[category][name].append(value)
+    return {c: {k: sum(v) / len(v) for k, v in checks.items()} for c, checks in passed.items()}
+
+
+def read_checks(run_dir: Path, last: int) -> list[tuple[str, dict[str, float | None]]]:
+    """The strict reward's per-check verdicts of the run's last `last` steps of rollouts."""
+    cols = [f"reward/strict/{k}" for k in CHECKS]
+    out = []
+    for f in sorted((run_dir / "rollouts").glob("step_*.parquet"))[-last:]:
+        for r in pq.read_table(f, columns=["metadata", *cols]).to_pylist():
+            out.append((json.loads(r["metadata"]).get("category", "?"), {k: r[c] for k, c in zip(CHECKS, cols)}))
+    return out
+
+
 def rate_cell(c: dict) -> str:
     lo, hi = wilson_interval(c["hits"], c["n"])
     return f"{c['hits'] / c['n']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -82,18 +106,23 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", required=True, help="run names under runs/efficacy, or run folders")
     ap.add_argument("--window", type=int, default=50, help="steps per window")
     args = ap.parse_args()
-    streams = {Path(name).name: read_rows(Path(name) if Path(name).is_dir() else RUNS / name) for name in args.runs}
+    dirs = {Path(name).name: Path(name) if Path(name).is_dir() else RUNS / name for name in args.runs}
+    streams = {name: read_rows(d) for name, d in dirs.items()}
     curves = {name: category_windows(rows, args.window) for name, rows in streams.items()}
     table_rows = []
     for name, stream in streams.items():
         first, last = first_and_last(stream, args.window)
+        checks = check_rates(read_checks(dirs[name], args.window))
         for category in CATEGORIES:
             a, b = first[category], last[category]
             table_rows.append([name, category, rate_cell(a), rate_cell(b),
-                         f"{a['groups_hit'] / a['groups']:.2f} -> {b['groups_hit'] / b['groups']:.2f}"])
+                               f"{a['groups_hit'] / a['groups']:.2f} -> {b['groups_hit'] / b['groups']:.2f}",
+                               ", ".join(f"{k} {v:.2f}" for k, v in checks[category].items())])
     table = (f"Training strict reward by prompt category, first and last {args.window} steps of each run (95% "
-             "Wilson), and the share of groups with at least one strict success.\n\n"
-             + md_table(["run", "category", "first window", "last window", "groups with a success"], table_rows))
+             "Wilson), the share of groups with at least one strict success, and the share of the last window's "
+             "samples passing each of the strict reward's checks.\n\n"
+             + md_table(["run", "category", "first window", "last window", "groups with a success",
+                         "checks passed, last window"], table_rows))
     write_result("rl_categories", {"window": args.window, "runs": {n: {str(w): c for w, c in wins.items()}
                                                                     for n, wins in curves.items()}}, table)
     plot(curves, args.window, OUT / "rl_categories.png")

@@ -239,3 +239,14 @@ def test_rl_categories_windows_by_hand():
     assert rl_categories.rate_cell(wins[1]["count"]).startswith("1.000 [0.342, 1.000]")
     first, last = rl_categories.first_and_last(rows, window=2)      # the last 2 steps are 2 and 3
     assert first == wins[0] and last["object"]["n"] == 2 and last["count"]["hits"] == 2
+
+
+def test_rl_categories_check_rates_by_hand():
+    """Per category, each check's pass share over the samples it applies to (None: does not apply)."""
+    import rl_categories
+
+    rows = [("two-object", {"object": 1.0, "colour": 0.0, "position": None}),
+            ("two-object", {"object": 0.0, "colour": 0.0, "position": None}),
+            ("position", {"object": 1.0, "colour": 1.0, "position": 0.0})]
+    assert rl_categories.check_rates(rows) == {"two-object": {"object": 0.5, "colour": 0.0},
+                                               "position": {"object": 1.0, "colour": 1.0, "position": 0.0}}
