@@ -60,12 +60,12 @@ CHECKS = ("object", "colour", "count", "two-object", "position", "only")
 
 
 def check_rates(rows: list[tuple[str, dict[str, float | None]]]) -> dict[str, dict[str, float]]:
-    """rows: (category, {check: 1.0 / 0.0, or None where the check does not apply}). Per category, the share of
-    samples passing each check that applies to it: which part of a strict success is missing."""
+    """rows: (category, {check: 1.0 / 0.0, or None / NaN where the check does not apply}). Per category, the share
+    of samples passing each check that applies to it: which part of a strict success is missing."""
     passed: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for category, checks in rows:
         for name, value in checks.items():
-            if value is not None:
+            if value is not None and value == value:  # NaN: the rollout table's "does not apply"
                 passed[category][name].append(value)
     return {c: {k: sum(v) / len(v) for k, v in checks.items()} for c, checks in passed.items()}
 

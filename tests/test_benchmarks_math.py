@@ -242,11 +242,11 @@ def test_rl_categories_windows_by_hand():
 
 
 def test_rl_categories_check_rates_by_hand():
-    """Per category, each check's pass share over the samples it applies to (None: does not apply)."""
+    """Per category, each check's pass share over the samples it applies to (None or NaN: does not apply)."""
     import rl_categories
 
     rows = [("two-object", {"object": 1.0, "colour": 0.0, "position": None}),
             ("two-object", {"object": 0.0, "colour": 0.0, "position": None}),
-            ("position", {"object": 1.0, "colour": 1.0, "position": 0.0})]
+            ("position", {"object": 1.0, "colour": 1.0, "position": 0.0, "two-object": float("nan")})]
     assert rl_categories.check_rates(rows) == {"two-object": {"object": 0.5, "colour": 0.0},
                                                "position": {"object": 1.0, "colour": 1.0, "position": 0.0}}
