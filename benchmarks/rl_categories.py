@@ -1,9 +1,10 @@
 """Which prompt categories does the training stream learn? Per category of the training prompts, from a finished
 run's logged rollouts (runs/efficacy/NAME/rollouts/step_*.parquet): the strict reward of the first and the last
 window of steps (95% Wilson), and the share of groups (one prompt's G samples) with at least one strict success:
-a group without one gives the strict term no gradient (its advantages come from the partial credit alone).
+a group without one gives the strict term no gradient (its advantages come from the partial credit alone); and
+the share of the last window's samples passing each of the strict reward's checks (which part is missing).
 
-    .venv/bin/python benchmarks/rl_categories.py --runs long-shapes-long-ema-seed0 long-shapes-tiny-seed0 [--window 50]
+    .venv/bin/python benchmarks/rl_categories.py --runs long-shapes-long-ema-seed0 runs/trials/NAME [--window 50]
 
 Writes benchmarks/results/rl_categories.{md,json,png}. Reads only the runs' files (seconds).
 """
@@ -109,22 +110,23 @@ def main() -> None:
     dirs = {Path(name).name: Path(name) if Path(name).is_dir() else RUNS / name for name in args.runs}
     streams = {name: read_rows(d) for name, d in dirs.items()}
     curves = {name: category_windows(rows, args.window) for name, rows in streams.items()}
+    checks = {name: check_rates(read_checks(d, args.window)) for name, d in dirs.items()}
     table_rows = []
     for name, stream in streams.items():
         first, last = first_and_last(stream, args.window)
-        checks = check_rates(read_checks(dirs[name], args.window))
         for category in CATEGORIES:
             a, b = first[category], last[category]
             table_rows.append([name, category, rate_cell(a), rate_cell(b),
                                f"{a['groups_hit'] / a['groups']:.2f} -> {b['groups_hit'] / b['groups']:.2f}",
-                               ", ".join(f"{k} {v:.2f}" for k, v in checks[category].items())])
+                               ", ".join(f"{k} {v:.2f}" for k, v in checks[name][category].items())])
     table = (f"Training strict reward by prompt category, first and last {args.window} steps of each run (95% "
              "Wilson), the share of groups with at least one strict success, and the share of the last window's "
              "samples passing each of the strict reward's checks.\n\n"
              + md_table(["run", "category", "first window", "last window", "groups with a success",
                          "checks passed, last window"], table_rows))
-    write_result("rl_categories", {"window": args.window, "runs": {n: {str(w): c for w, c in wins.items()}
-                                                                    for n, wins in curves.items()}}, table)
+    write_result("rl_categories", {"window": args.window, "last_window_checks": checks,
+                                   "runs": {n: {str(w): c for w, c in wins.items()} for n, wins in curves.items()}},
+                 table)
     plot(curves, args.window, OUT / "rl_categories.png")
 
 
