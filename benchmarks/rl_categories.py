@@ -49,14 +49,6 @@ def first_and_last(rows: list[tuple[int, str, str, float]], window: int) -> tupl
     return category_windows([r for r in rows if r[0] <= window], window)[0], category_windows(tail, window)[0]
 
 
-def read_rows(run_dir: Path) -> list[tuple[int, str, str, float]]:
-    rows = []
-    for f in sorted((run_dir / "rollouts").glob("step_*.parquet")):
-        t = pq.read_table(f, columns=["step", "uid", "metadata", "reward/strict"]).to_pylist()
-        rows += [(r["step"], r["uid"], json.loads(r["metadata"]).get("category", "?"), r["reward/strict"]) for r in t]
-    return rows
-
-
 CHECKS = ("object", "colour", "count", "two-object", "position", "only")
 
 
@@ -71,13 +63,15 @@ def check_rates(rows: list[tuple[str, dict[str, float | None]]]) -> dict[str, di
     return {c: {k: sum(v) / len(v) for k, v in checks.items()} for c, checks in passed.items()}
 
 
-def read_checks(run_dir: Path, last: int) -> list[tuple[str, dict[str, float | None]]]:
-    """The strict reward's per-check verdicts of the run's last `last` steps of rollouts."""
+def read_run(run_dir: Path) -> list[dict]:
+    """The run's logged rollouts, one record per sample: step, uid, category, strict (the reward) and checks (the
+    strict reward's per-check verdicts, NaN where a check does not apply)."""
     cols = [f"reward/strict/{k}" for k in CHECKS]
     out = []
-    for f in sorted((run_dir / "rollouts").glob("step_*.parquet"))[-last:]:
-        for r in pq.read_table(f, columns=["metadata", *cols]).to_pylist():
-            out.append((json.loads(r["metadata"]).get("category", "?"), {k: r[c] for k, c in zip(CHECKS, cols)}))
+    for f in sorted((run_dir / "rollouts").glob("step_*.parquet")):
+        for r in pq.read_table(f, columns=["step", "uid", "metadata", "reward/strict", *cols]).to_pylist():
+            out.append({"step": r["step"], "uid": r["uid"], "category": json.loads(r["metadata"]).get("category", "?"),
+                        "strict": r["reward/strict"], "checks": {k: r[c] for k, c in zip(CHECKS, cols)}})
     return out
 
 
@@ -108,12 +102,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=50, help="steps per window")
     args = ap.parse_args()
     dirs = {Path(name).name: Path(name) if Path(name).is_dir() else RUNS / name for name in args.runs}
-    streams = {name: read_rows(d) for name, d in dirs.items()}
+    records = {name: read_run(d) for name, d in dirs.items()}
+    streams = {name: [(r["step"], r["uid"], r["category"], r["strict"]) for r in recs]
+               for name, recs in records.items()}
     curves = {name: category_windows(rows, args.window) for name, rows in streams.items()}
-    checks = {name: check_rates(read_checks(d, args.window)) for name, d in dirs.items()}
-    table_rows = []
-    for name, stream in streams.items():
-        first, last = first_and_last(stream, args.window)
+    checks, table_rows = {}, []
+    for name, recs in records.items():
+        first, last = first_and_last(streams[name], args.window)
+        end = max(r["step"] for r in recs)
+        checks[name] = check_rates([(r["category"], r["checks"]) for r in recs if r["step"] > end - args.window])
         for category in CATEGORIES:
             a, b = first[category], last[category]
             table_rows.append([name, category, rate_cell(a), rate_cell(b),
