@@ -1,12 +1,15 @@
 """Why a base policy fails: the README's "The shipped base" figures for one policy folder.
 
-    .venv/bin/python benchmarks/base_diagnostics.py [POLICY_DIR]      (default: checkpoints/shapes-tiny/policy)
+    .venv/bin/python benchmarks/base_diagnostics.py [POLICY_DIR] [--binding]   (default: checkpoints/shapes-tiny/policy)
 
 1. Object count: on the fixed held-out set (policy.evaluate's 480 (prompt, seed) pairs and sampling settings), how
    often the number of blobs the verifier finds equals the number of objects asked, per category, and the
    distribution of drawn - asked.
 2. Codebook entropy: distinct codes and the entropy (nats) of their marginal per scale, over 256 held-out scenes.
 3. Column turn: the largest rotary angle between two image tokens 7 columns apart on the final grid.
+4. Binding (`--binding`): on two-object prompts of the training and the held-out split (192 images each, fixed
+   seeds), how often both asked shapes are drawn, both asked colours are drawn (on any shapes), both shape-colour
+   pairs are right (the strict verdict's colour check), and the colours are swapped between the two shapes.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policy.evaluate import EvalConfig, eval_items, sample_images  # noqa: E402
+from policy.evaluate import EvalConfig, EvalItem, eval_items, sample_images, wilson_interval  # noqa: E402
 from policy.io import Policy  # noqa: E402
-from shapes.verifier import detect  # noqa: E402
-from shapes.world import CATEGORIES, render, split_prompts  # noqa: E402
+from shapes.verifier import Blob, detect  # noqa: E402
+from shapes.world import CATEGORIES, Spec, render, split_prompts  # noqa: E402
+
+BINDING_FLAGS = ("shapes", "colours", "bound", "swapped")
 
 
 def object_counts(policy: Policy) -> dict[str, tuple[int, int, dict[int, int]]]:
@@ -63,8 +68,42 @@ def column_turn(policy: Policy) -> float:
     return float(turn.abs().max())
 
 
+def binding_flags(blobs: list[Blob], spec: Spec) -> dict[str, bool]:
+    """A two-object scene's binding: both asked shapes drawn ("shapes"), both asked colours drawn on any shapes
+    ("colours"), each asked shape drawn in its asked colour ("bound"), each drawn in the other's colour ("swapped")."""
+    a, b = spec.objects
+
+    def has(shape: str, colour: str | None) -> bool:
+        return any(x.shape == shape and (colour is None or x.colour == colour) for x in blobs)
+
+    return {"shapes": has(a.shape, None) and has(b.shape, None),
+            "colours": {a.colour, b.colour} <= {x.colour for x in blobs},
+            "bound": has(a.shape, a.colour) and has(b.shape, b.colour),
+            "swapped": has(a.shape, b.colour) and has(b.shape, a.colour)}
+
+
+def binding(policy: Policy, images: int = 192, seed: int = 5000) -> dict[str, dict[str, int]]:
+    """split -> how many of `images` two-object images (sampled as policy.evaluate samples, image i with seed + i)
+    have each of binding_flags."""
+    cfg, splits, out = EvalConfig(), split_prompts(), {}
+    for split in ("train", "heldout"):
+        group = [s for s in getattr(splits, split) if s.category == "two-object"]
+        items = [EvalItem(i, group[i % len(group)], seed + i) for i in range(images)]
+        drawn = sample_images(policy, items, cfg, split)
+        flags = [binding_flags(detect(img), it.spec) for img, it in zip(drawn, items)]
+        out[split] = {k: sum(f[k] for f in flags) for k in BINDING_FLAGS}
+    return out
+
+
 def main(argv: list[str]) -> int:
-    policy = Policy.load(argv[0] if argv else ROOT / "checkpoints" / "shapes-tiny" / "policy")
+    paths = [a for a in argv if a != "--binding"]
+    policy = Policy.load(paths[0] if paths else ROOT / "checkpoints" / "shapes-tiny" / "policy")
+    if "--binding" in argv:
+        for split, hits in binding(policy, images=192).items():
+            rates = (f"{k} {v / 192:.3f} [{wilson_interval(v, 192)[0]:.3f}, {wilson_interval(v, 192)[1]:.3f}]"
+                     for k, v in hits.items())
+            print(f"two-object, {split} prompts (192 images): " + ", ".join(rates))
+        return 0
     print(f"column turn over the final grid: {column_turn(policy):.3f} rad")
     for s, (distinct, nats) in enumerate(code_entropy(policy), 1):
         print(f"scale {s}: {distinct} distinct codes, entropy {nats:.2f} nats")

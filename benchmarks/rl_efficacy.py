@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from common import OUT, ROOT, md_table, write_result
 
 from core.atomic import atomic_write_text
@@ -136,7 +137,7 @@ def long_run(seeds: list[int], steps: int | None, eval_every: int | None, config
     runs = [train(f"long{stem}-seed{s}", [f"seed={s}", *given], config) for s in seeds]
     steps = runs[0]["reward"][-1][0]
     rows = []
-    for label, part in (("before (shipped policy)", "before"), (f"after {steps} steps", "after")):
+    for label, part in ((f"before ({base_label(config)})", "before"), (f"after {steps} steps", "after")):
         rows.append([label] + [cell(*pooled([r[part] for r in runs], k)) for k in KEYS]
                     + [cell(*pooled([r[part]["template"] for r in runs], "overall"))])
     b, a = pooled([r["before"] for r in runs], "overall"), pooled([r["after"] for r in runs], "overall")
@@ -197,8 +198,13 @@ def ablation_run(m: int, steps: int, seed: int, base: list[str], config: Path = 
     return train(f"ablation{stem_of(config)}-m{m}-seed{seed}", base + [f"m={m}"], config)
 
 
+def base_label(config: Path) -> str:
+    """How the long-run table names the starting policy: "shipped policy", or the config's policy_path."""
+    path = yaml.safe_load(config.read_text()).get("policy_path", "checkpoints/shapes-tiny/policy")
+    return "shipped policy" if path == "checkpoints/shapes-tiny/policy" else f"`{path}`"
+
+
 def own_m(config: Path) -> int:
-    import yaml
     return int(yaml.safe_load(config.read_text())["m"])
 
 

@@ -87,10 +87,12 @@ def test_rl_efficacy_pooling_verdict_and_moving_average():
 
 
 def test_rl_efficacy_names_and_cells():
-    from rl_efficacy import CONFIG, diff_cell, own_m, paired_cell, result_name
+    from rl_efficacy import CONFIG, base_label, diff_cell, own_m, paired_cell, result_name
 
     other = CONFIG.parent / "shapes-tiny-m6.yaml"
     assert own_m(CONFIG) == 4 and own_m(other) == 6
+    assert base_label(other) == "shipped policy"
+    assert base_label(CONFIG.parent / "shapes-long-sft.yaml") == "`runs/stages/sft-more6000/final`"
     assert result_name("rl_ablation", CONFIG) == "rl_ablation"
     assert result_name("rl_ablation", other) == "rl_ablation_shapes-tiny-m6"
     d = {"diff": 0.0432, "ci": (0.0171, -0.0001), "gained": 3, "lost": 1}
@@ -250,3 +252,22 @@ def test_rl_categories_check_rates_by_hand():
             ("position", {"object": 1.0, "colour": 1.0, "position": 0.0, "two-object": float("nan")})]
     assert rl_categories.check_rates(rows) == {"two-object": {"object": 0.5, "colour": 0.0},
                                                "position": {"object": 1.0, "colour": 1.0, "position": 0.0}}
+
+
+def test_base_diagnostics_binding_flags_by_hand():
+    """Two-object binding: shapes drawn, colours drawn, each shape in its colour, and the colours swapped."""
+    import base_diagnostics
+    from shapes.verifier import Blob
+    from shapes.world import ObjectSpec, Spec
+
+    spec = Spec("two-object", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue")))
+    blob = lambda shape, colour: Blob(colour, shape, 256, (8.0, 8.0))  # noqa: E731
+    flags = base_diagnostics.binding_flags
+    assert flags([blob("circle", "red"), blob("square", "blue")], spec) == \
+        {"shapes": True, "colours": True, "bound": True, "swapped": False}
+    assert flags([blob("circle", "blue"), blob("square", "red")], spec) == \
+        {"shapes": True, "colours": True, "bound": False, "swapped": True}
+    assert flags([blob("circle", "red"), blob("square", "green")], spec) == \
+        {"shapes": True, "colours": False, "bound": False, "swapped": False}
+    assert flags([blob("triangle", "red"), blob("square", "blue")], spec) == \
+        {"shapes": False, "colours": True, "bound": False, "swapped": False}
