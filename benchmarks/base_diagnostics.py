@@ -99,10 +99,11 @@ def main(argv: list[str]) -> int:
     paths = [a for a in argv if a != "--binding"]
     policy = Policy.load(paths[0] if paths else ROOT / "checkpoints" / "shapes-tiny" / "policy")
     if "--binding" in argv:
-        for split, hits in binding(policy, images=192).items():
-            rates = (f"{k} {v / 192:.3f} [{wilson_interval(v, 192)[0]:.3f}, {wilson_interval(v, 192)[1]:.3f}]"
-                     for k, v in hits.items())
-            print(f"two-object, {split} prompts (192 images): " + ", ".join(rates))
+        n = 192
+        for split, hits in binding(policy, images=n).items():
+            rates = (f"{k} {v / n:.3f} [{lo:.3f}, {hi:.3f}]"
+                     for k, v in hits.items() for lo, hi in [wilson_interval(v, n)])
+            print(f"two-object, {split} prompts ({n} images): " + ", ".join(rates))
         return 0
     print(f"column turn over the final grid: {column_turn(policy):.3f} rad")
     for s, (distinct, nats) in enumerate(code_entropy(policy), 1):
