@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import random
 import sys
@@ -96,9 +97,12 @@ def binding(policy: Policy, images: int = 192, seed: int = 5000) -> dict[str, di
 
 
 def main(argv: list[str]) -> int:
-    paths = [a for a in argv if a != "--binding"]
-    policy = Policy.load(paths[0] if paths else ROOT / "checkpoints" / "shapes-tiny" / "policy")
-    if "--binding" in argv:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("policy_dir", nargs="?", default=ROOT / "checkpoints" / "shapes-tiny" / "policy", type=Path)
+    ap.add_argument("--binding", action="store_true", help="only the two-object binding rates (section 4)")
+    args = ap.parse_args(argv)
+    policy = Policy.load(args.policy_dir)
+    if args.binding:
         n = 192
         for split, hits in binding(policy, images=n).items():
             rates = (f"{k} {v / n:.3f} [{lo:.3f}, {hi:.3f}]"
