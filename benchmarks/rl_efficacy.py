@@ -90,20 +90,28 @@ def pooled_paired(runs: list[dict], key: str) -> dict:
                         for r in runs], key)
 
 
-def compare(config: Path, against: Path, seeds: list[int]) -> None:
-    """The finished long runs of `config` against those of `against`, seed by seed: after vs after on the same
-    (prompt, seed) pairs (a run's evaluation pairs follow its seed), pooled over the seeds."""
+def compare(config: Path, against: Path, seeds: list[int], against_tag: str = "after") -> None:
+    """The finished long runs of `config` (after) against those of `against` (after, or with against_tag "before"
+    their starting policy: the whole recipe against another base), seed by seed on the same (prompt, seed) pairs
+    (a run's evaluation pairs follow its seed), pooled over the seeds."""
     names = {str(c): [f"long{stem_of(c)}-seed{s}" for s in seeds] for c in (against, config)}
-    pairs = list(zip(*([RUNS / n / "eval_after" / "scores.json" for n in names[str(c)]] for c in (against, config))))
+    pairs = [(RUNS / a / f"eval_{against_tag}" / "scores.json", RUNS / c / "eval_after" / "scores.json")
+             for a, c in zip(names[str(against)], names[str(config)])]
     judges = ("strict", "template")
     paired = {k: paired_over(pairs, k) for k in judges}
     rows = [[f"seed {s}"] + [paired_cell(paired_over([p], k)) for k in judges] for s, p in zip(seeds, pairs)]
     rows.append([f"pooled, {len(seeds)} seeds"] + [paired_cell(paired[k]) for k in judges])
-    table = (f"`{config.name}` after vs `{against.name}` after, the same held-out (prompt, seed) pairs "
+    table = (f"`{config.name}` after vs `{against.name}` {against_tag}, the same held-out (prompt, seed) pairs "
              f"(paired, 95% interval):\n\n" + md_table(["seeds", "strict", "template judge"], rows))
-    out = f"rl_compare{stem_of(config).replace('-', '_', 1)}_vs{stem_of(against).replace('-', '_', 1)}"
-    write_result(out, {"config": str(config), "against": str(against), "seeds": seeds, "runs": names,
-                       "paired": paired}, table)
+    write_result(compare_name(config, against, against_tag),
+                 {"config": str(config), "against": str(against), "against_tag": against_tag, "seeds": seeds,
+                  "runs": names, "paired": paired}, table)
+
+
+def compare_name(config: Path, against: Path, against_tag: str = "after") -> str:
+    """Result file of `compare`: rl_compare_A_vs_B, with _before when B's starting policy is the reference."""
+    name = f"rl_compare{stem_of(config).replace('-', '_', 1)}_vs{stem_of(against).replace('-', '_', 1)}"
+    return name + ("_before" if against_tag == "before" else "")
 
 
 def diff_cell(d: dict) -> str:
@@ -294,6 +302,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--config", type=Path, default=CONFIG, help="the runs' config (default: shapes-efficacy)")
     ap.add_argument("--against", type=Path, default=None, help="compare: the other config's finished long runs")
+    ap.add_argument("--against-tag", choices=["after", "before"], default="after",
+                    help="compare: the --against runs' final policy (after) or their starting policy (before)")
     ap.add_argument("--ms", type=int, nargs="+", default=[2, 3, 4, 5, 6])
     ap.add_argument("--vmr-m", type=int, default=2, help="m of the VMR row (0: no VMR row)")
     args = ap.parse_args()
@@ -305,7 +315,7 @@ def main() -> None:
     if args.mode == "compare":
         if args.against is None:
             ap.error("compare: --against CONFIG is required (the config whose finished long runs to compare with)")
-        compare(config, args.against.resolve(), args.seeds or [0, 1, 2])
+        compare(config, args.against.resolve(), args.seeds or [0, 1, 2], args.against_tag)
     if args.mode in ("ablation", "report"):
         ablation(args.ms, args.vmr_m, args.steps or 100, args.seeds or [0], config)
 

@@ -87,7 +87,7 @@ def test_rl_efficacy_pooling_verdict_and_moving_average():
 
 
 def test_rl_efficacy_names_and_cells():
-    from rl_efficacy import CONFIG, base_label, diff_cell, own_m, paired_cell, result_name
+    from rl_efficacy import CONFIG, base_label, compare_name, diff_cell, own_m, paired_cell, result_name
 
     other = CONFIG.parent / "shapes-tiny-m6.yaml"
     assert own_m(CONFIG) == 4 and own_m(other) == 6
@@ -95,6 +95,9 @@ def test_rl_efficacy_names_and_cells():
     assert base_label(CONFIG.parent / "shapes-long-sft.yaml") == "`runs/stages/sft-more6000/final`"
     assert result_name("rl_ablation", CONFIG) == "rl_ablation"
     assert result_name("rl_ablation", other) == "rl_ablation_shapes-tiny-m6"
+    sft, ema = CONFIG.parent / "shapes-long-sft.yaml", CONFIG.parent / "shapes-long-ema.yaml"
+    assert compare_name(sft, ema) == "rl_compare_shapes-long-sft_vs_shapes-long-ema"
+    assert compare_name(sft, ema, "before") == "rl_compare_shapes-long-sft_vs_shapes-long-ema_before"
     d = {"diff": 0.0432, "ci": (0.0171, -0.0001), "gained": 3, "lost": 1}
     assert diff_cell(d) == "+0.043 [+0.017, -0.000]" and paired_cell(d).endswith("(3 gained, 1 lost)")
 
