@@ -102,27 +102,6 @@ def test_rl_efficacy_names_and_cells():
     assert diff_cell(d) == "+0.043 [+0.017, -0.000]" and paired_cell(d).endswith("(3 gained, 1 lost)")
 
 
-def test_configs_on_a_trained_base_name_a_make_target_that_builds_it():
-    """A config whose policy_path lies under runs/stages/ (not shipped) must be buildable: `make -n` of some Makefile
-    target (-B: as on a clean clone) runs the stage that writes runs/stages/NAME/final."""
-    import re
-    import subprocess
-
-    import yaml
-
-    root = Path(__file__).resolve().parent.parent
-    targets = re.findall(r"^([a-z][\w-]*):", (root / "Makefile").read_text(), re.M)
-    dry_run = ["make", "-n", "-B", "-C", str(root), "-o", ".venv/.installed"]
-    dry = "\n".join(subprocess.run(dry_run + [t], capture_output=True, text=True).stdout
-                    for t in targets if t not in ("clean", "install"))
-    needed = {p.name: yaml.safe_load(p.read_text()).get("policy_path", "") for p in (root / "configs").glob("*.yaml")}
-    needed = {k: v for k, v in needed.items() if str(v).startswith("runs/stages/")}
-    assert needed, "no config starts from a trained base any more: drop this test"
-    for config, path in needed.items():
-        name = re.fullmatch(r"runs/stages/([\w.-]+)/final", path)
-        assert name and f"name={name[1]} " in dry, f"{config}: no Makefile target builds {path}"
-
-
 def test_learner_memory_estimate_by_hand_and_against_the_tensors():
     """3 rows of 5 text tokens, m = 3 (1 + 4 + 9 = 14 image tokens, so L = 19) on the tiny model (D 64, MLP 128,
     2 layers, 4 heads / 2 KV heads: kv width 32, 64 codes)."""
